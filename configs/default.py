@@ -1,0 +1,96 @@
+"""Defaults shared by every experiment config; experiment files override fields.
+
+Not a runnable recipe on its own: start from `configs/quickstart.py` or one of
+the paper configs. Every field here exists in every config, so a misspelt
+`--config.a.b=value` override fails at start (the config is locked).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Method: the loss. Fields shared by the consistency methods live here; a
+    # method reads the ones it needs (see consistency_jax/methods/<name>.py).
+    config.method = method = ml_collections.ConfigDict()
+    method.name = "ict"
+    method.s0 = 10  # iCT curriculum: initial number of discretisation intervals
+    method.s1 = 1280  # iCT curriculum: final number of intervals
+    method.curriculum_steps = -1  # K in N(k); -1: training.num_steps
+    method.p_mean = -1.1  # lognormal index distribution
+    method.p_std = 2.0
+    method.huber_c = -1.0  # pseudo-Huber c; -1: 0.00054 * sqrt(H * W * C)
+    method.mu0 = 0.9  # original CT: EMA-target decay at N = s0
+
+    # Parametrization: the consistency boundary condition f(x, sigma_min) = x.
+    config.parametrization = param = ml_collections.ConfigDict()
+    param.sigma_min = 0.002
+    param.sigma_max = 80.0
+    param.sigma_data = 0.5
+    param.rho = 7.0
+    # c_noise(sigma): 'edm' ln(s)/4 (EDM, ECT, iCT), 'cm' 1000 ln(s)/4 (original
+    # CM code), 'raw' s (ACT).
+    param.c_noise = "edm"
+
+    # Model: `name` picks the network from the registry; the other fields are
+    # the network's own (see consistency_jax/models/).
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet_small"
+
+    # Data.
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "digits"
+    data.image_size = 8
+    data.num_channels = 1
+    data.num_classes = 0  # > 0: class-conditional training with this many classes
+    data.random_flip = False
+    data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    data.path = ml_collections.FieldReference(None, field_type=str)  # image folder or .npz
+    data.on_bad_image = "error"  # custom folders: 'error' stops, 'skip' skips and counts
+
+    # Optimizer.
+    config.optimizer = opt = ml_collections.ConfigDict()
+    opt.name = "radam"  # 'adam', 'radam', 'adamw'
+    opt.learning_rate = 1e-4
+    opt.b1 = 0.9
+    opt.b2 = 0.999
+    opt.eps = 1e-8
+    opt.weight_decay = 0.0
+    opt.warmup_steps = 0  # linear warm-up from 0
+    opt.lr_schedule = "constant"  # 'constant', 'cosine', 'rsqrt' (ECT ImageNet)
+    opt.rsqrt_ref_steps = 2000  # 'rsqrt': lr / sqrt(max(step / ref, 1))
+    opt.grad_clip_norm = 0.0  # 0: off
+
+    # Training loop.
+    config.training = train = ml_collections.ConfigDict()
+    train.batch_size = 64  # global batch, over all devices and hosts
+    train.num_steps = 1000
+    train.ema_rates = (0.999,)  # evaluation EMAs kept in the train state
+    train.log_every = 100
+    train.sample_every = 1000  # PNG sample grid into the workdir; 0: off
+    train.checkpoint_every = 1000
+    train.keep_checkpoints = 3
+    train.keep_every = 0  # > 0: also keep every checkpoint at a multiple of this step
+
+    # Sampling (periodic grids and --mode=sample).
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.num_samples = 64
+    sampling.batch_size = 256
+    sampling.num_steps = 1  # 1: one step from sigma_max; 2: through mid_sigma
+    sampling.mid_sigma = 0.821  # intermediate sigma of 2-step sampling (iCT CIFAR-10)
+    sampling.ema_rate = -1.0  # which EMA to sample from; -1: the first; 0: raw params
+
+    # Evaluation (end of training and --mode=eval).
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.feature_extractor = "digits"  # 'digits' or 'inception'
+    ev.num_samples = 1000
+    ev.every_steps = 0  # periodic evaluation during training; 0: only at the end
+    ev.steps = (1, 2)  # sampler step counts to evaluate
+
+    # Device mesh: axis sizes, -1 = all remaining devices.
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1
+    mesh.fsdp = 1
+    return config

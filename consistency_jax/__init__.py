@@ -1,0 +1,1 @@
+"""consistency_jax: training consistency models in JAX/Flax."""

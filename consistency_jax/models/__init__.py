@@ -1,0 +1,56 @@
+"""Model registry: networks are chosen by `config.model.name`.
+
+Every network is a Flax Linen module with the same call signature,
+
+    module(x, noise_labels, class_labels=None, *, train: bool) -> array shaped like x
+
+where `x` is the preconditioned input (NHWC), `noise_labels` the per-example
+c_noise(sigma) values [B], and `class_labels` int32 [B] or None (the value
+`num_classes` is the null class kept for classifier-free guidance). The module
+never knows which method trains it; the other fields of `config.model` are the
+module's own dataclass fields.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+
+
+def _registry() -> dict[str, type[nn.Module]]:
+    # Imported here so that importing the package does not build every network.
+    from consistency_jax.models import unet_small
+
+    models: dict[str, type[nn.Module]] = {"unet_small": unet_small.UNetSmall}
+    try:
+        from consistency_jax.models import adm, ncsnpp
+
+        models.update({"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM})
+    except ImportError:
+        pass
+    return models
+
+
+def model_names() -> list[str]:
+    return sorted(_registry())
+
+
+def create_model(model_config: ml_collections.ConfigDict, **overrides: Any) -> nn.Module:
+    """Builds the network named by `model_config.name` from the config's other fields."""
+    registry = _registry()
+    name = model_config.name
+    if name not in registry:
+        raise ValueError(f"Unknown model name {name!r}; valid names: {', '.join(sorted(registry))}.")
+    cls = registry[name]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")}
+    kwargs = {k: v for k, v in model_config.items() if k != "name"}
+    kwargs.update(overrides)
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(
+            f"config.model has fields {unknown} that model {name!r} does not take; "
+            f"valid fields: {', '.join(sorted(fields))}."
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return cls(**kwargs)
