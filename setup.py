@@ -17,6 +17,7 @@ setuptools.setup(
         "ml_collections>=1.0",
         "clu>=0.0.12",
         "tensorflow-cpu>=2.18",  # clu.metric_writers and tfds.load need TensorFlow.
+        "tensorboard>=2.18",  # clu.metric_writers writes TensorBoard summaries
         "tensorflow-datasets>=4.9.8",
         "grain>=0.2.12",
         "numpy>=1.26",

@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.batch_size = 256
     sampling.num_steps = 1  # 1: one step from sigma_max; 2: through mid_sigma
     sampling.mid_sigma = 0.821  # intermediate sigma of 2-step sampling (iCT CIFAR-10)
+    sampling.sigmas = ()  # intermediate sigmas (descending) for samplers of 3 or more steps
     sampling.ema_rate = -1.0  # which EMA to sample from; -1: the first; 0: raw params
 
     # Evaluation (end of training and --mode=eval).

@@ -1,10 +1,13 @@
 """Building blocks shared by the networks."""
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class FourierEmbedding(nn.Module):
@@ -46,3 +49,212 @@ def noise_embedding(kind: str, features: int, fourier_scale: float) -> nn.Module
     if kind == "positional":
         return PositionalEmbedding(features)
     raise ValueError(f"Unknown noise embedding {kind!r}; valid: 'fourier', 'positional'.")
+
+
+# ---------------------------------------------------------------------------
+# Building blocks of the paper-scale networks (ncsnpp.py, adm.py).
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "dot_product_attention")
+
+Initializer = Callable[..., jax.Array]
+# score_sde / NCSN++ default: Glorot-uniform style fan-average scaling.
+fan_avg_uniform: Initializer = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+# PyTorch's default conv/linear init, as in ADM: U(+-1/sqrt(fan_in)).
+torch_default_uniform: Initializer = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+zeros_init: Initializer = nn.initializers.zeros
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """The activation dtype named by a model's `dtype` field (params stay float32)."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"Unknown compute dtype {name!r}; valid: {', '.join(COMPUTE_DTYPES)}.")
+    return jnp.dtype(name)
+
+
+def check_choice(field: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"Unknown {field} {value!r}; valid: {', '.join(repr(v) for v in valid)}.")
+
+
+def check_image_and_labels(x: jax.Array, noise_labels: jax.Array, class_labels: jax.Array | None,
+                           num_classes: int, num_downsamples: int) -> None:
+    """Shape checks shared by the U-Nets, with messages that say what is valid."""
+    if x.ndim != 4:
+        raise ValueError(f"x must be NHWC images [B, H, W, C]; got shape {x.shape}.")
+    factor = 2**num_downsamples
+    if x.shape[1] % factor or x.shape[2] % factor:
+        raise ValueError(f"Image size {x.shape[1]}x{x.shape[2]} must be divisible by {factor} "
+                         f"(the U-Net halves it {num_downsamples} times).")
+    if noise_labels.shape != x.shape[:1]:
+        raise ValueError(f"noise_labels must have shape [B] = {x.shape[:1]}; got {noise_labels.shape}.")
+    if num_classes > 0:
+        if class_labels is None:
+            raise ValueError(f"This model is class-conditional (num_classes={num_classes}): pass class_labels "
+                             f"in [0, {num_classes}], where {num_classes} is the null class.")
+        if class_labels.shape != x.shape[:1]:
+            raise ValueError(f"class_labels must have shape [B] = {x.shape[:1]}; got {class_labels.shape}.")
+    elif class_labels is not None:
+        raise ValueError("class_labels were given to an unconditional model; set num_classes > 0 to use them.")
+
+
+def group_norm(channels: int, eps: float, dtype: jnp.dtype, name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm with min(32, C/4) groups (NCSN++, ADM and EDM all use this rule)."""
+    return nn.GroupNorm(num_groups=min(32, max(1, channels // 4)), epsilon=eps, dtype=dtype,
+                        param_dtype=jnp.float32, name=name)
+
+
+def _normalized_taps(taps: Sequence[int]) -> np.ndarray:
+    taps = np.asarray(taps, np.float64)
+    if taps.ndim != 1 or len(taps) % 2 or taps.sum() <= 0:
+        raise ValueError(f"resample_filter must be an even-length 1-D filter with positive sum, e.g. (1, 1) "
+                         f"or (1, 3, 3, 1); got {tuple(taps)}.")
+    return taps / taps.sum()
+
+
+def _fir_along(x: jax.Array, taps: np.ndarray, axis: int, pad: tuple[int, int], stride: int) -> jax.Array:
+    """Zero-pads `axis`, correlates it with `taps` and keeps every `stride`-th output.
+
+    Written as a weighted sum of shifted slices rather than a depthwise conv so
+    that XLA fuses it with the neighbouring elementwise ops.
+    """
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = pad
+    padded = jnp.pad(x, widths)
+    num_out = (padded.shape[axis] - len(taps)) // stride + 1
+    out = None
+    for offset, tap in enumerate(taps):
+        piece = jax.lax.slice_in_dim(padded, offset, offset + (num_out - 1) * stride + 1, stride, axis)
+        term = piece * jnp.asarray(tap, x.dtype)
+        out = term if out is None else out + term
+    return out
+
+
+def fir_filter(x: jax.Array, taps: Sequence[int], pad: int) -> jax.Array:
+    """Separable FIR filter (taps normalised to sum 1) over H and W of NHWC `x`, stride 1."""
+    kernel = _normalized_taps(taps)
+    for axis in (1, 2):
+        x = _fir_along(x, kernel, axis, (pad, pad), 1)
+    return x
+
+
+def fir_downsample(x: jax.Array, taps: Sequence[int]) -> jax.Array:
+    """2x downsampling with a separable FIR filter; (1, 1) is 2x2 average pooling.
+
+    Pads (len - 1) // 2 on each side, as EDM's and score_sde's FIR resampling do.
+    """
+    kernel = _normalized_taps(taps)
+    pad = (len(kernel) - 1) // 2
+    for axis in (1, 2):
+        x = _fir_along(x, kernel, axis, (pad, pad), 2)
+    return x
+
+
+def fir_upsample(x: jax.Array, taps: Sequence[int]) -> jax.Array:
+    """2x upsampling with a separable FIR filter; (1, 1) is nearest-neighbour.
+
+    The transposed convolution of EDM / score_sde (stride 2, padding (len-1)//2,
+    gain 2 per axis) written as zero insertion followed by correlation with the
+    flipped taps.
+    """
+    kernel = 2.0 * _normalized_taps(taps)[::-1]
+    pad = (len(kernel) - 1) // 2
+    for axis in (1, 2):
+        # Interleave zeros after every sample: x0 0 x1 0 ... (length 2n).
+        x = jnp.stack([x, jnp.zeros_like(x)], axis=axis + 1)
+        shape = list(x.shape)
+        x = x.reshape(shape[:axis] + [2 * shape[axis]] + shape[axis + 2:])
+        x = _fir_along(x, kernel, axis, (len(kernel) - 1 - pad, len(kernel) - 2 - pad), 1)
+    return x
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) -> jax.Array:
+    """Softmax attention over [B, T, heads, head_dim] inputs; logits and softmax in float32.
+
+    'xla' is a plain einsum-softmax-einsum; 'dot_product_attention' calls
+    jax.nn.dot_product_attention, which can dispatch to fused kernels (cuDNN).
+    """
+    check_choice("attention_impl", impl, ATTENTION_IMPLS)
+    if impl == "dot_product_attention":
+        return jax.nn.dot_product_attention(q, k, v)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv residual block conditioned on an embedding (BigGAN-style up/down).
+
+    `emb` is the already SiLU-activated conditioning vector [B, E]. With
+    `scale_shift` (ADM) it sets a per-channel scale and shift of the second
+    norm; otherwise (NCSN++) it is added as a bias before that norm. Up/down
+    blocks resample both the residual branch and the skip with the FIR filter.
+    The skip gets a 1x1 conv when the channel count changes, and also on every
+    up/down block when `project_resampled_skip` (NCSN++ BigGAN blocks).
+    """
+
+    out_channels: int
+    resample: str = "none"  # 'none', 'up' or 'down'
+    resample_filter: tuple[int, ...] = (1, 1)
+    project_resampled_skip: bool = False
+    scale_shift: bool = False
+    dropout: float = 0.0
+    skip_scale: float = 1.0
+    eps: float = 1e-6
+    deterministic: bool = True
+    kernel_init: Initializer = fan_avg_uniform
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        check_choice("resample", self.resample, ("none", "up", "down"))
+        in_channels = x.shape[-1]
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+        conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
+
+        h = nn.silu(group_norm(in_channels, self.eps, self.dtype, name="norm0")(x))
+        if self.resample == "up":
+            h, x = fir_upsample(h, self.resample_filter), fir_upsample(x, self.resample_filter)
+        elif self.resample == "down":
+            h, x = fir_downsample(h, self.resample_filter), fir_downsample(x, self.resample_filter)
+        h = conv(self.out_channels, (3, 3), kernel_init=self.kernel_init, name="conv0")(h)
+
+        num_emb = 2 * self.out_channels if self.scale_shift else self.out_channels
+        emb_out = dense(num_emb, kernel_init=self.kernel_init, name="emb_proj")(emb)[:, None, None, :]
+        norm1 = group_norm(self.out_channels, self.eps, self.dtype, name="norm1")
+        if self.scale_shift:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = nn.silu(norm1(h) * (1 + scale) + shift)
+        else:
+            h = nn.silu(norm1(h + emb_out))
+        h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        # Zero-initialised: every block starts as (a scaled) identity.
+        h = conv(self.out_channels, (3, 3), kernel_init=zeros_init, name="conv1")(h)
+
+        if in_channels != self.out_channels or (self.resample != "none" and self.project_resampled_skip):
+            x = conv(self.out_channels, (1, 1), kernel_init=self.kernel_init, name="skip")(x)
+        return (x + h) * self.skip_scale
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions with a residual connection."""
+
+    num_heads: int
+    skip_scale: float = 1.0
+    eps: float = 1e-6
+    attention_impl: str = "xla"
+    kernel_init: Initializer = fan_avg_uniform
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        if channels % self.num_heads:
+            raise ValueError(f"{channels} channels do not split into {self.num_heads} attention heads.")
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+        h = group_norm(channels, self.eps, self.dtype, name="norm")(x)
+        qkv = dense(3 * channels, kernel_init=self.kernel_init, name="qkv")(h)
+        qkv = qkv.reshape(batch, height * width, 3, self.num_heads, channels // self.num_heads)
+        out = multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
+        out = dense(channels, kernel_init=zeros_init, name="proj")(out.reshape(batch, height, width, channels))
+        return (x + out) * self.skip_scale

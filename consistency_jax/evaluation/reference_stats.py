@@ -1,0 +1,105 @@
+"""Statistics of real data that samples are compared against: computed and cached, or loaded from ADM's files.
+
+A reference is tied to the feature space it was computed in (`extractor`),
+so a digits reference can never be compared with Inception features.
+"""
+
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+
+from consistency_jax.evaluation import frechet
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceStats:
+    """mu [D] and sigma [D, D] (float64) of real features; the features themselves when kept (precision/recall)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None
+    num_examples: int  # 0 when unknown (statistics loaded without their images)
+    extractor: str  # the feature extractor's name
+    source: str  # where the images came from, for reports
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, *, extractor: str, source: str) -> "ReferenceStats":
+        mu, sigma = frechet.feature_statistics(features)
+        return cls(mu, sigma, np.asarray(features, np.float32), len(features), extractor, source)
+
+    def save(self, path: str) -> None:
+        arrays = {"mu": self.mu, "sigma": self.sigma, "num_examples": self.num_examples,
+                  "extractor": self.extractor, "source": self.source}
+        if self.features is not None:
+            arrays["features"] = self.features
+        partial = path + ".partial.npz"  # written whole, then renamed: a reader never sees half a file
+        np.savez(partial, **arrays)
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: str) -> "ReferenceStats":
+        with np.load(path) as stored:
+            features = stored["features"] if "features" in stored.files else None
+            return cls(stored["mu"], stored["sigma"], features, int(stored["num_examples"]),
+                       str(stored["extractor"]), str(stored["source"]))
+
+
+def _dataset_tag(data_config) -> str:
+    tag = f"{data_config.name}{data_config.image_size}"
+    location = f"{data_config.get('path')}|{data_config.get('data_dir')}"
+    return f"{tag}_{hashlib.sha1(location.encode()).hexdigest()[:8]}"
+
+
+def _load_real_images(data_config, split: str, num_examples: int | None) -> np.ndarray:
+    if data_config.name == "digits":
+        from consistency_jax.data import digits
+
+        return digits.load_digits_split(split)[0][:num_examples]
+    # Imported here: the pipeline is heavier (grain, tfds) and only needed for other datasets.
+    from consistency_jax.data.pipeline import load_eval_images
+
+    return load_eval_images(data_config, split, num_examples)[0]
+
+
+def reference_statistics(extractor, data_config, cache_dir: str, split: str,
+                         num_examples: int | None = None) -> ReferenceStats:
+    """Statistics of up to `num_examples` real images of `split` (None: all), cached as .npz in cache_dir."""
+    count = "all" if num_examples is None else str(num_examples)
+    path = os.path.join(cache_dir, f"reference_{extractor.name}_{_dataset_tag(data_config)}_{split}_{count}.npz")
+    if os.path.exists(path):
+        return ReferenceStats.load(path)
+    images = _load_real_images(data_config, split, num_examples)
+    features = extractor(images)["pool"]
+    stats = ReferenceStats.from_features(
+        features, extractor=extractor.name, source=f"{data_config.name} {split} ({len(images)} images)"
+    )
+    os.makedirs(cache_dir, exist_ok=True)
+    stats.save(path)
+    return stats
+
+
+def load_adm_reference(path: str, extractor=None) -> ReferenceStats:
+    """An ADM evaluator reference batch (.npz): its 'mu'/'sigma', and with an extractor the features of its
+    images 'arr_0' (needed for precision/recall, and for the statistics when the file has none).
+
+    ADM's statistics are Inception pool3 ones, so the extractor, if given, must be 'inception'.
+    """
+    if extractor is not None and extractor.name != "inception":
+        raise ValueError(f"ADM reference batches hold Inception statistics; the extractor is {extractor.name!r}.")
+    with np.load(path) as stored:
+        keys = set(stored.files)
+        has_stats = {"mu", "sigma"} <= keys
+        if not has_stats and not ("arr_0" in keys and extractor is not None):
+            raise ValueError(
+                f"{path} has keys {sorted(keys)}: an ADM reference batch needs 'mu' and 'sigma', or images "
+                "'arr_0' together with an Inception feature extractor."
+            )
+        features = extractor(stored["arr_0"])["pool"] if "arr_0" in keys and extractor is not None else None
+        source = f"ADM reference {os.path.basename(path)}"
+        if not has_stats:
+            return ReferenceStats.from_features(features, extractor="inception", source=source)
+        mu, sigma = np.asarray(stored["mu"], np.float64), np.asarray(stored["sigma"], np.float64)
+    num_examples = len(features) if features is not None else 0  # 0: the file's statistics do not say
+    return ReferenceStats(mu, sigma, features, num_examples, "inception", source)

@@ -1,0 +1,126 @@
+"""An experiment built from a config: validated settings, network, mesh, optimizer.
+
+The training loop, the samplers and the evaluator all start from `create_experiment`.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from consistency_jax import checkpointing, methods, parallel, samplers
+from consistency_jax.data import pipeline
+from consistency_jax.models import create_model
+from consistency_jax.parametrization import C_NOISE_KINDS, ConsistencyFunction
+from consistency_jax.state import TrainState, create_train_state
+
+OPTIMIZERS = ("adam", "radam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "rsqrt")
+
+
+# ----------------------------------------------------------------------------
+# Config validation: every bad value is reported before anything compiles.
+# ----------------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the bad field and the valid values."""
+    methods.get_method(config.method.name)
+    create_model(config.model)
+    pipeline.check_dataset(config.data)
+    opt, train = config.optimizer, config.training
+    _require(opt.name in OPTIMIZERS,
+             f"Unknown config.optimizer.name {opt.name!r}; valid: {', '.join(OPTIMIZERS)}.")
+    _require(opt.lr_schedule in LR_SCHEDULES,
+             f"Unknown config.optimizer.lr_schedule {opt.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}.")
+    _require(config.parametrization.c_noise in C_NOISE_KINDS,
+             f"Unknown config.parametrization.c_noise {config.parametrization.c_noise!r}; "
+             f"valid: {', '.join(C_NOISE_KINDS)}.")
+    _require(train.batch_size > 0, f"config.training.batch_size must be positive, got {train.batch_size}.")
+    _require(train.num_steps > 0, f"config.training.num_steps must be positive, got {train.num_steps}.")
+    _require(all(0 <= r < 1 for r in train.ema_rates),
+             f"config.training.ema_rates must lie in [0, 1), got {tuple(train.ema_rates)}.")
+    for steps in {config.sampling.num_steps, *config.eval.steps}:
+        samplers.sampling_sigmas(config, steps)
+
+
+# ----------------------------------------------------------------------------
+# Experiment set-up.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What the loop, the samplers and the evaluator need, built from a config."""
+
+    config: ml_collections.ConfigDict
+    fn: ConsistencyFunction
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    mesh: jax.sharding.Mesh
+    optimizer: optax.GradientTransformation
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        params = self.fn.init(rng, self.image_shape, self.num_classes > 0)
+        return create_train_state(params, self.optimizer, len(self.config.training.ema_rates), rng)
+
+    @functools.cached_property
+    def state_shardings(self) -> Any:
+        abstract = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+        return parallel.state_shardings(abstract, self.mesh)
+
+    def abstract_state(self) -> Any:
+        abstract = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+        return checkpointing.abstract_with_shardings(abstract, self.state_shardings)
+
+    def create_state(self) -> TrainState:
+        rng = jax.random.PRNGKey(self.config.seed)
+        return jax.jit(self.init_state, out_shardings=self.state_shardings)(rng)
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    if opt.lr_schedule == "cosine":
+        base = optax.cosine_decay_schedule(opt.learning_rate, max(num_steps - opt.warmup_steps, 1))
+    elif opt.lr_schedule == "rsqrt":  # ECT ImageNet: lr / sqrt(max(step / ref, 1))
+        def base(step):
+            return opt.learning_rate / jnp.sqrt(jnp.maximum(step / opt.rsqrt_ref_steps, 1.0))
+    else:
+        base = optax.constant_schedule(opt.learning_rate)
+    if opt.warmup_steps <= 0:
+        return base
+    warmup = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+    return optax.join_schedules([warmup, base], [opt.warmup_steps])
+
+
+def create_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    lr = learning_rate_schedule(opt, num_steps)
+    if opt.name == "radam":
+        core = optax.radam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    elif opt.name == "adamw":
+        core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    else:
+        core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    if opt.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), core)
+    return core
+
+
+def create_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
+    info = pipeline.dataset_info(config.data)
+    param = config.parametrization
+    fn = ConsistencyFunction(create_model(config.model), sigma_min=param.sigma_min,
+                             sigma_data=param.sigma_data, c_noise_kind=param.c_noise)
+    mesh = parallel.create_mesh(config.mesh, devices)
+    parallel.check_batch_size(config.training.batch_size, mesh)
+    return Experiment(config=config, fn=fn, image_shape=tuple(info.image_shape),
+                      num_classes=info.num_classes, mesh=mesh,
+                      optimizer=create_optimizer(config.optimizer, config.training.num_steps))

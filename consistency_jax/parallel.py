@@ -1,0 +1,94 @@
+"""Device mesh, shardings (data parallel and FSDP) and multi-host start-up.
+
+The mesh has two axes, ('data', 'fsdp'). Batches split over both; parameters
+and optimizer state are replicated, except that with fsdp > 1 every large
+array is split along its largest dimension divisible by the fsdp size.
+"""
+
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+# Arrays smaller than this stay replicated under FSDP: splitting them saves
+# little memory and costs a collective each.
+FSDP_MIN_SIZE = 2**14
+
+
+def maybe_initialize_distributed(force: bool) -> None:
+    """Calls jax.distributed.initialize() when asked or when a cluster launcher says so.
+
+    With no arguments JAX detects Cloud TPU pods, SLURM and other clusters itself.
+    A SLURM job with one task, or a plain machine, runs as a single process.
+    """
+    in_multitask_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    in_tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    if force or in_multitask_slurm or in_tpu_pod:
+        jax.distributed.initialize()
+        logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                     jax.process_index(), jax.process_count(), jax.local_device_count(),
+                     jax.device_count())
+
+
+def create_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
+    """The ('data', 'fsdp') mesh; an axis size of -1 takes all remaining devices."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [mesh_config.data, mesh_config.fsdp]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1; got data={sizes[0]}, fsdp={sizes[1]}.")
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or len(devices) % known:
+        raise ValueError(f"Mesh data={sizes[0]} x fsdp={sizes[1]} does not fit {len(devices)} devices: "
+                         f"the product must divide the device count (use -1 for 'all the rest').")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"Mesh data={sizes[0]} x fsdp={sizes[1]} uses {math.prod(sizes)} devices, "
+                         f"but there are {len(devices)}; the product must equal the device count.")
+    device_grid = np.asarray(devices).reshape(sizes)
+    if len(devices) == jax.device_count():
+        from jax.experimental import mesh_utils  # topology-aware order on TPU/GPU pods
+        device_grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+    return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+    """Splits the largest dimension divisible by the fsdp size; small arrays stay replicated."""
+    if fsdp_size == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            return P(*([None] * dim + ["fsdp"]))
+    return P()
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of the (abstract) train state."""
+    fsdp_size = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size)), abstract_state)
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    if global_batch_size % mesh.size:
+        raise ValueError(f"The global batch size {global_batch_size} must divide by the number of devices "
+                         f"in the mesh ({mesh.size}); choose a multiple of {mesh.size}.")
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles the per-process batches into global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

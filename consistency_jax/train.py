@@ -1,0 +1,213 @@
+"""The one training loop: every method trains through `train_and_evaluate`.
+
+Sections: the jitted train step; logging; the loop (sample grids, checkpoints,
+resume, preemption, non-finite loss); evaluation at the end.
+"""
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+
+from consistency_jax import checkpointing, methods, parallel
+from consistency_jax.data import pipeline
+from consistency_jax.evaluation import generate
+from consistency_jax.experiment import Experiment, create_experiment, validate_config
+from consistency_jax.state import TrainState, update_emas
+from consistency_jax.visualization import save_image_grid
+
+
+# ----------------------------------------------------------------------------
+# The train step.
+# ----------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
+               ema_rates: tuple[float, ...]) -> tuple[TrainState, dict]:
+    """One optimizer step. A non-finite loss leaves the state untouched (the host then stops the run)."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, state.step)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss)
+    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep_if_finite(params, state.params),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        ema_params=keep_if_finite(update_emas(state.ema_params, params, ema_rates), state.ema_params),
+    )
+    return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def jit_train_step(experiment: Experiment) -> Callable:
+    config = experiment.config
+    step = functools.partial(train_step,
+                             loss_fn=methods.create_loss(config, experiment.fn, experiment.image_shape),
+                             optimizer=experiment.optimizer, ema_rates=tuple(config.training.ema_rates))
+    return jax.jit(step,
+                   in_shardings=(experiment.state_shardings, parallel.batch_sharding(experiment.mesh)),
+                   out_shardings=(experiment.state_shardings, parallel.replicated(experiment.mesh)),
+                   donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------
+# Logging.
+# ----------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """TensorBoard (clu) plus a JSON-lines file in the workdir; process 0 writes."""
+
+    def __init__(self, workdir: str):
+        self._is_writer = jax.process_index() == 0
+        self._writer = metric_writers.create_default_writer(workdir, just_logging=not self._is_writer)
+        self._path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self._writer.write_scalars(step, scalars)
+        if self._is_writer:
+            with open(self._path, "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _check_finite(step: int, metrics: dict[str, float]) -> None:
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLossError(
+            f"Non-finite loss ({metrics['loss']}) at step {step}. The update of that step was not applied "
+            f"and no checkpoint after step {step - 1} was written; lower the learning rate, enable "
+            f"config.optimizer.grad_clip_norm, or check the data.")
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop polls, so the run can save and exit cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting.")
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (resuming from the workdir's latest checkpoint if any) and evaluates at the end."""
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    experiment = create_experiment(config)
+    train = config.training
+    log = MetricsLog(workdir)
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              keep=train.keep_checkpoints, keep_every=train.keep_every)
+    data = pipeline.create_train_iterator(config.data, global_batch_size=train.batch_size, seed=config.seed)
+
+    if checkpointer.latest_step() is not None:
+        step, state, data_state = checkpointer.restore(experiment.abstract_state())
+        data.set_state(data_state)
+        logging.info("Resumed from the checkpoint at step %d in %s.", step, workdir)
+    else:
+        state = experiment.create_state()
+    step = int(state.step)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    train_step_fn = jit_train_step(experiment)
+    sigterm = _SigtermFlag()
+    pending = None  # (step, device metrics) of the last dispatched step, checked one step late
+    window: list[dict[str, float]] = []
+    window_start = time.time()
+    try:
+        while step < train.num_steps:
+            batch = parallel.global_batch(next(data), experiment.mesh)
+            state, metrics = train_step_fn(state, batch)
+            step += 1
+            # Fetching the previous step's metrics keeps the device queue one step ahead.
+            if pending is not None:
+                window.append(_fetch(*pending))
+            pending = (step, metrics)
+            at_end = step == train.num_steps
+            stop = sigterm.raised or checkpointer.reached_preemption(step)
+            if step % train.log_every == 0 or at_end or stop:
+                window.append(_fetch(*pending))
+                pending = None
+                window_start = _log_window(log, step, train.num_steps, window, window_start)
+                window = []
+            if train.sample_every and (step % train.sample_every == 0 or at_end):
+                _write_sample_grid(experiment, state, workdir, step)
+            if step % train.checkpoint_every == 0 or at_end or stop:
+                if pending is not None:
+                    window.append(_fetch(*pending))
+                    pending = None
+                checkpointer.save(step, state, data.get_state(), force=stop or at_end)
+            if stop:
+                logging.warning("Preempted: checkpoint written at step %d; exiting.", step)
+                break
+            if config.eval.every_steps and step % config.eval.every_steps == 0 and not at_end:
+                log.write(step, generate.evaluate_state(experiment, state, workdir, step))
+    finally:
+        sigterm.restore()
+        checkpointer.wait()
+        checkpointer.close()
+        log.flush()
+
+    if step == train.num_steps and not sigterm.raised:
+        report = generate.evaluate_state(experiment, state, workdir, step, with_baselines=True)
+        log.write(step, report)
+        log.flush()
+    return state
+
+
+def _fetch(step: int, metrics: dict) -> dict[str, float]:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(step, values)
+    return values
+
+
+def _log_window(log: MetricsLog, step: int, num_steps: int, window: list[dict[str, float]],
+                window_start: float) -> float:
+    now = time.time()
+    rate = len(window) / max(now - window_start, 1e-9)
+    means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+    log.write(step, {**means, "steps_per_sec": rate})
+    eta = (num_steps - step) / rate if rate > 0 else float("inf")
+    logging.info("step %d/%d  loss %.5f  %.2f steps/s  ETA %s", step, num_steps, means["loss"], rate,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
+    return now
+
+
+def _write_sample_grid(experiment: Experiment, state: TrainState, workdir: str, step: int) -> None:
+    config = experiment.config
+    params = generate.select_params(state, tuple(config.training.ema_rates), config.sampling.ema_rate)
+    images, _ = generate.generate(experiment, params, min(config.sampling.num_samples, 64), config.sampling.num_steps,
+                         config.seed, config.sampling.batch_size)
+    if jax.process_index() == 0:
+        save_image_grid(images, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
