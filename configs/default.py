@@ -87,8 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ev = ml_collections.ConfigDict()
     ev.feature_extractor = "digits"  # 'digits' or 'inception'
     ev.num_samples = 1000
-    ev.every_steps = 0  # periodic evaluation during training; 0: only at the end
+    ev.every_steps = 0  # periodic evaluation during training; 0: off
+    ev.at_end = True  # evaluate (with the real and untrained baselines) when training finishes
     ev.steps = (1, 2)  # sampler step counts to evaluate
+    # Inception weights: a directory or file; None: ~/.cache/consistency_jax (see README).
+    ev.inception_dir = ml_collections.FieldReference(None, field_type=str)
 
     # Device mesh: axis sizes, -1 = all remaining devices.
     config.mesh = mesh = ml_collections.ConfigDict()

@@ -30,13 +30,13 @@ def get_config():
     config.data.image_size = 8
     config.data.num_channels = 1
 
-    config.model.channels = 32
+    config.model.model_channels = 32
     config.model.channel_mult = (1, 2, 2)
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = (2,)
     config.model.num_heads = 1
     config.model.dropout = 0.0
-    config.model.embedding = "fourier"
+    config.model.embedding_type = "fourier"
     config.model.fourier_scale = 0.02
 
     config.optimizer.name = "radam"

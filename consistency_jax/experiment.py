@@ -32,8 +32,19 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+class ConfigError(ValueError):
+    """A config value is invalid; the message names it and the valid values."""
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the bad field and the valid values."""
+    """Raises ConfigError naming the bad field and the valid values."""
+    try:
+        _validate(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
     methods.get_method(config.method.name)
     create_model(config.model)
     pipeline.check_dataset(config.data)

@@ -29,14 +29,19 @@ def main(argv):
     from consistency_jax import train
     from consistency_jax.evaluation import generate
 
+    from consistency_jax.experiment import ConfigError
+
     config = FLAGS.config
     logging.info("Config:\n%s", config)
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-        generate.run_sample(config, FLAGS.workdir, FLAGS.step)
-    else:
-        generate.run_eval(config, FLAGS.workdir, FLAGS.step)
+    try:
+        if FLAGS.mode == "train":
+            train.train_and_evaluate(config, FLAGS.workdir)
+        elif FLAGS.mode == "sample":
+            generate.run_sample(config, FLAGS.workdir, FLAGS.step)
+        else:
+            generate.run_eval(config, FLAGS.workdir, FLAGS.step)
+    except ConfigError as e:
+        raise app.UsageError(f"Invalid config: {e}") from e
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpointer.close()
         log.flush()
 
-    if step == train.num_steps and not sigterm.raised:
+    if config.eval.at_end and step == train.num_steps and not sigterm.raised:
         report = generate.evaluate_state(experiment, state, workdir, step, with_baselines=True)
         log.write(step, report)
         log.flush()

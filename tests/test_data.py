@@ -179,6 +179,13 @@ def test_eval_images_are_the_first_stored_examples(tmp_path):
     np.testing.assert_array_equal(digit_labels, expected_labels)
 
 
+@pytest.mark.parametrize("name,split", [("digits", "test"), ("cifar10", "test"),
+                                        ("imagenet_resized/64x64", "validation"), ("lsun/cat", None),
+                                        ("npz", None)])
+def test_heldout_split(name, split):
+    assert pipeline.heldout_split(data_config(name=name)) == split
+
+
 def test_npz_images_are_resized_to_the_config_resolution(tmp_path):
     blocks = np.random.RandomState(0).randint(0, 256, (3, 4, 4, 3), dtype=np.uint8)
     np.savez(tmp_path / "big.npz", images=blocks.repeat(2, axis=1).repeat(2, axis=2))

@@ -204,6 +204,19 @@ def test_graph_def_weights_land_in_place(shapes, tmp_path):
         np.testing.assert_array_equal(stat["bn"]["mean"], values[f"{scope}/batchnorm/moving_mean"])
 
 
+def test_graph_def_with_another_input_normalisation_is_rejected(shapes, tmp_path):
+    import tensorflow as tf
+
+    graph_def, _ = _build_graph_def(shapes, {})
+    node = graph_def.node.add(name="Sub/y", op="Const")
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.float32(127.5)))
+    path = str(tmp_path / "graph.pb")
+    with open(path, "wb") as f:
+        f.write(graph_def.SerializeToString())
+    with pytest.raises(ValueError, match="Sub/y"):
+        inception_weights.load_inception_variables(path)
+
+
 def test_graph_def_is_read_from_the_tgz(tmp_path):
     path = str(tmp_path / inception_weights.TF_GRAPH_ARCHIVE)
     with tarfile.open(path, "w:gz") as archive:
@@ -271,9 +284,9 @@ def _torch_tensors(fake_torch, state):
             storage = _Storage(str(i), storage_type, np.ascontiguousarray(value.T))
             tensors[name] = _Tensor(fake_torch, storage, value.shape, (1, value.shape[0]))
         else:
-            storage = _Storage(str(i), storage_type, np.ascontiguousarray(value))
-            stride = tuple(int(s) // value.itemsize for s in value.strides)
-            tensors[name] = _Tensor(fake_torch, storage, value.shape, stride)
+            data = np.ascontiguousarray(value)
+            stride = tuple(int(s) // data.itemsize for s in data.strides)
+            tensors[name] = _Tensor(fake_torch, _Storage(str(i), storage_type, data), data.shape, stride)
     return collections.OrderedDict(tensors)
 
 
@@ -299,7 +312,8 @@ def _save_zip(path, tensors):
         archive.writestr("archive/data.pkl", data)
         archive.writestr("archive/byteorder", "little")
         for storage in stored:
-            archive.writestr(f"archive/data/{storage.key}", storage.data.astype(storage.data.dtype.newbyteorder("<")).tobytes())
+            little_endian = storage.data.astype(storage.data.dtype.newbyteorder("<"))
+            archive.writestr(f"archive/data/{storage.key}", little_endian.tobytes())
         archive.writestr("archive/version", "3\n")
 
 
@@ -407,3 +421,34 @@ def test_find_weights_prefers_present_files_and_explains_absence(tmp_path, monke
         inception_weights.find_weights(str(empty), allow_download=False)
     for expected in (inception_weights.TF_GRAPH_URL, inception_weights.PTH_URL, inception_weights.PTH_FILE, str(empty)):
         assert expected in str(error.value)
+
+
+def test_inception_extractor_from_config_runs_the_loaded_network(shapes, tmp_path, fake_torch):
+    """config -> weight file -> Flax variables -> sharded, batched features, equal to a direct forward pass."""
+    import ml_collections
+
+    from consistency_jax.evaluation import extractors
+
+    variables = _random_variables(shapes, seed=4)
+    state = collections.OrderedDict()
+    for module in inception_weights.tf_scope_to_module().values():
+        params, stats = variables["params"], variables["batch_stats"]
+        for part in module.split("."):
+            params, stats = params[part], stats[part]
+        state[f"{module}.conv.weight"] = params["conv"]["kernel"].transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        state[f"{module}.bn.weight"] = params["bn"]["scale"]
+        state[f"{module}.bn.bias"] = params["bn"]["bias"]
+        state[f"{module}.bn.running_mean"] = stats["bn"]["mean"]
+        state[f"{module}.bn.running_var"] = stats["bn"]["var"]
+    state["fc.weight"] = variables["params"]["fc"]["kernel"].T
+    path = str(tmp_path / "my_inception.pth")  # a file path in inception_dir is used as it is
+    _save_zip(path, _torch_tensors(fake_torch, state))
+
+    eval_config = ml_collections.ConfigDict({"feature_extractor": "inception", "inception_dir": path})
+    extractor = extractors.create_feature_extractor(eval_config, cache_dir=str(tmp_path))
+    images = np.random.default_rng(5).integers(0, 256, size=(3, 16, 16, 1), dtype=np.uint8)
+    features = extractor(images)  # 3 images padded to the 8 test devices
+    direct = jax.jit(inception.InceptionV3().apply)(variables, images)
+    assert extractor.name == "inception" and features["pool"].shape == (3, 2048)
+    np.testing.assert_allclose(features["pool"], np.asarray(direct["pool"]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(features["logits"], np.asarray(direct["logits"]), rtol=1e-4, atol=1e-4)

@@ -40,6 +40,7 @@ __all__ = [
     "create_train_iterator",
     "dataset_info",
     "load_eval_images",
+    "heldout_split",
     "to_global_batch",
     "train_iterator_from_source",
 ]
@@ -259,6 +260,16 @@ def _to_model_inputs(batch: dict[str, np.ndarray], conditional: bool) -> dict[st
     if conditional:
         inputs["label"] = batch["label"].astype(np.int32)
     return inputs
+
+
+def heldout_split(data_config) -> str | None:
+    """The split of real images not trained on, if the dataset has one.
+
+    Evaluation compares samples with the training images (the papers'
+    convention for FID) and reports the same metrics for these held-out images
+    as the floor a model can reach.
+    """
+    return {"digits": "test", "cifar10": "test", "imagenet_resized/64x64": "validation"}.get(data_config.name)
 
 
 def load_eval_images(data_config, split: str, max_examples: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -132,8 +132,10 @@ def evaluate_state(experiment: Experiment, state: TrainState, workdir: str, step
                              config.sampling.batch_size)
         rows[f"samples_{num_steps}step"] = metrics.compute_metrics(extractor, images, reference)
     if with_baselines:
-        real, _ = pipeline.load_eval_images(config.data, "test", ev.num_samples)
-        rows["real_heldout"] = metrics.compute_metrics(extractor, real, reference)
+        heldout = pipeline.heldout_split(config.data)
+        if heldout:
+            real, _ = pipeline.load_eval_images(config.data, heldout, ev.num_samples)
+            rows[f"real_{heldout}"] = metrics.compute_metrics(extractor, real, reference)
         untrained = experiment.init_state(jax.random.PRNGKey(config.seed)).params
         images, _ = generate(experiment, untrained, ev.num_samples, 1, config.seed + 1,
                              config.sampling.batch_size)

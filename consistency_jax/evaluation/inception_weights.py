@@ -188,6 +188,10 @@ def load_graph_def_variables(path: str) -> dict[str, Any]:
             raise ValueError(f"Node {found.name!r} is a {found.op}, expected a constant.")
         return tf.make_ndarray(found.attr["value"].tensor)
 
+    # The graph's own input normalisation must be the one inception.preprocess reproduces.
+    for name, expected in (("Sub/y", inception.PIXEL_OFFSET), ("Mul/y", inception.PIXEL_SCALE)):
+        if name in nodes and not np.allclose(constant(name), expected):
+            raise ValueError(f"{path}: {name} is {constant(name)}, but the network assumes {expected}.")
     layers = {}
     for scope, module in tf_scope_to_module().items():
         norm = node(f"{scope}/batchnorm")
@@ -275,12 +279,12 @@ def _read_zip_state_dict(path: str) -> dict:
         if not pickles:
             raise ValueError(f"{path} is a zip file without data.pkl: not a torch.save file.")
         prefix = pickles[0][: -len("data.pkl")]
-        byteorder = "little"
-        if f"{prefix}byteorder" in names:
-            byteorder = archive.read(f"{prefix}byteorder").decode()
+        # Files without a byteorder record were written little-endian (torch's own default on load).
+        byteorder = archive.read(f"{prefix}byteorder").decode() if f"{prefix}byteorder" in names else "little"
+        stored_dtype_order = "<" if byteorder == "little" else ">"
 
         def load_storage(dtype: np.dtype, key: str, numel: int) -> np.ndarray:
-            data = np.frombuffer(archive.read(f"{prefix}data/{key}"), dtype=dtype.newbyteorder("<" if byteorder == "little" else ">"))
+            data = np.frombuffer(archive.read(f"{prefix}data/{key}"), dtype=dtype.newbyteorder(stored_dtype_order))
             return data[:numel].astype(dtype)
 
         return _StateDictUnpickler(io.BytesIO(archive.read(pickles[0])), load_storage).load()
@@ -357,7 +361,9 @@ def load_inception_variables(path: str) -> dict[str, Any]:
         return load_pth_variables(path)
     if path.endswith((".pb", ".tgz", ".tar.gz")):
         return load_graph_def_variables(path)
-    raise ValueError(f"Unknown Inception weight file {path!r}: expected {PTH_FILE}, {TF_GRAPH_ARCHIVE} or {TF_GRAPH_FILE}.")
+    raise ValueError(
+        f"Unknown Inception weight file {path!r}: expected {PTH_FILE}, {TF_GRAPH_ARCHIVE} or {TF_GRAPH_FILE}."
+    )
 
 
 def _download(url: str, destination: str) -> None:

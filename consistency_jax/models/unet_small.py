@@ -52,13 +52,13 @@ class AttnBlock(nn.Module):
 
 
 class UNetSmall(nn.Module):
-    channels: int = 64
+    model_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (4,)
     num_heads: int = 1
     dropout: float = 0.0
-    embedding: str = "fourier"  # 'fourier' or 'positional'
+    embedding_type: str = "fourier"  # 'fourier' or 'positional'
     fourier_scale: float = 16.0
     num_classes: int = 0
     dtype: str = "float32"
@@ -66,21 +66,21 @@ class UNetSmall(nn.Module):
     @nn.compact
     def __call__(self, x, noise_labels, class_labels=None, *, train: bool):
         dtype = jnp.dtype(self.dtype)
-        emb_dim = 4 * self.channels
-        emb = noise_embedding(self.embedding, self.channels, self.fourier_scale)(noise_labels)
+        emb_dim = 4 * self.model_channels
+        emb = noise_embedding(self.embedding_type, self.model_channels, self.fourier_scale)(noise_labels)
         if self.num_classes > 0:
             if class_labels is None:
                 raise ValueError("This model is class-conditional: pass class_labels.")
             # num_classes + 1 rows: the last is the null class for guidance.
-            emb = emb + nn.Embed(self.num_classes + 1, self.channels)(class_labels)
+            emb = emb + nn.Embed(self.num_classes + 1, self.model_channels)(class_labels)
         emb = nn.silu(nn.Dense(emb_dim)(emb))
         emb = nn.silu(nn.Dense(emb_dim)(emb)).astype(dtype)
 
-        h = nn.Conv(self.channels, (3, 3), dtype=dtype)(x.astype(dtype))
+        h = nn.Conv(self.model_channels, (3, 3), dtype=dtype)(x.astype(dtype))
         skips = [h]
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
-                h = ResBlock(self.channels * mult, self.dropout, dtype)(h, emb, train)
+                h = ResBlock(self.model_channels * mult, self.dropout, dtype)(h, emb, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = AttnBlock(self.num_heads, dtype)(h)
                 skips.append(h)
@@ -95,7 +95,7 @@ class UNetSmall(nn.Module):
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for _ in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = ResBlock(self.channels * mult, self.dropout, dtype)(h, emb, train)
+                h = ResBlock(self.model_channels * mult, self.dropout, dtype)(h, emb, train)
                 if h.shape[1] in self.attn_resolutions:
                     h = AttnBlock(self.num_heads, dtype)(h)
             if level > 0:

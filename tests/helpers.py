@@ -1,0 +1,25 @@
+"""Shared test fixtures: a tiny model on the digits that compiles in seconds."""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import default  # noqa: E402
+
+
+def tiny_config(num_steps: int = 4) -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.model.update(dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                             num_heads=1, dropout=0.1, embedding_type="fourier", fourier_scale=0.02))
+    config.training.batch_size = 16
+    config.training.num_steps = num_steps
+    config.training.ema_rates = (0.9,)
+    config.training.log_every = 2
+    config.training.sample_every = 0
+    config.training.checkpoint_every = num_steps
+    config.optimizer.learning_rate = 1e-3
+    config.eval.at_end = False
+    config.eval.num_samples = 16
+    return config
