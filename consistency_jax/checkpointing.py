@@ -2,8 +2,11 @@
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and
 renames it when complete), so a run killed mid-save leaves the previous
-checkpoints intact. If the newest checkpoint is damaged anyway (disk errors,
-files removed by hand), restore falls back to the next older one with a warning.
+checkpoints intact; the next run removes the unfinished temporary directory.
+If the newest checkpoint is damaged anyway (disk errors, files removed by
+hand), restore falls back to the next older one with a warning and moves the
+damaged ones aside (to `unreadable_<step>`), so that the resumed run can save
+those steps again.
 """
 
 from typing import Any
@@ -11,6 +14,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+UNREADABLE_PREFIX = "unreadable_"
 
 
 class Checkpointer:
@@ -22,6 +28,7 @@ class Checkpointer:
             keep_period=keep_every or None,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save that a kill interrupted
         )
         self._manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
@@ -46,7 +53,8 @@ class Checkpointer:
         """Restores onto the shardings of `abstract_state` (any mesh shape).
 
         With no step, tries the newest checkpoint first and falls back to older
-        ones when a checkpoint cannot be read.
+        ones when a checkpoint cannot be read; the unreadable newer ones are
+        then moved aside.
         """
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         if not steps:
@@ -65,8 +73,24 @@ class Checkpointer:
                                 type(e).__name__, e)
                 errors.append(f"step {candidate}: {type(e).__name__}: {e}")
                 continue
+            if errors:
+                self._move_aside([s for s in steps if s > candidate])
             return candidate, restored.state, dict(restored.data or {})
         raise RuntimeError(f"No checkpoint in {self._manager.directory} could be restored:\n" + "\n".join(errors))
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Renames unreadable step directories so that orbax no longer lists them (process 0 renames)."""
+        directory = epath.Path(self._manager.directory)
+        if jax.process_index() == 0:
+            for step in steps:
+                target = directory / f"{UNREADABLE_PREFIX}{step}"
+                copy = 1
+                while target.exists():  # the same step went bad before
+                    target, copy = directory / f"{UNREADABLE_PREFIX}{step}_{copy}", copy + 1
+                logging.warning("Moving the unreadable checkpoint %s aside to %s.", directory / str(step), target)
+                (directory / str(step)).rename(target)
+        ocp.multihost.sync_global_processes("consistency_jax_move_unreadable_checkpoints")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -48,6 +48,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     methods.get_method(config.method.name)
     create_model(config.model)
     pipeline.check_dataset(config.data)
+    model_classes = config.model.get("num_classes", 0)
+    _require(model_classes == config.data.num_classes,
+             f"config.model.num_classes ({model_classes}) must equal config.data.num_classes "
+             f"({config.data.num_classes}): the network embeds the labels the data provides.")
     opt, train = config.optimizer, config.training
     _require(opt.name in OPTIMIZERS,
              f"Unknown config.optimizer.name {opt.name!r}; valid: {', '.join(OPTIMIZERS)}.")

@@ -18,30 +18,42 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
                   "and PNG; eval: write metrics of a checkpoint to JSON.")
 flags.DEFINE_integer("step", None, "Checkpoint step for sample/eval (default: the latest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM, clusters).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, to start a multi-process job by hand (with --num_processes and "
+                    "--process_id); not needed on TPU pods or under SLURM.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a job started with --coordinator_address.")
+flags.DEFINE_integer("process_id", None, "This process's index (0..num_processes-1) with --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    parallel.maybe_initialize_distributed(FLAGS.distributed)
+    try:
+        parallel.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                                              FLAGS.process_id)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     # Imported after distributed start-up: nothing may touch the devices before it.
-    from consistency_jax import train
-    from consistency_jax.evaluation import generate
-
-    from consistency_jax.experiment import ConfigError
+    from consistency_jax.experiment import ConfigError, validate_config
 
     config = FLAGS.config
     logging.info("Config:\n%s", config)
+    # Validated before the heavy imports below (TensorFlow via clu), so a bad value fails in seconds.
     try:
-        if FLAGS.mode == "train":
-            train.train_and_evaluate(config, FLAGS.workdir)
-        elif FLAGS.mode == "sample":
-            generate.run_sample(config, FLAGS.workdir, FLAGS.step)
-        else:
-            generate.run_eval(config, FLAGS.workdir, FLAGS.step)
+        validate_config(config)
     except ConfigError as e:
         raise app.UsageError(f"Invalid config: {e}") from e
+
+    from consistency_jax import train
+    from consistency_jax.evaluation import generate
+
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+        generate.run_sample(config, FLAGS.workdir, FLAGS.step)
+    else:
+        generate.run_eval(config, FLAGS.workdir, FLAGS.step)
 
 
 if __name__ == "__main__":

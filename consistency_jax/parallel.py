@@ -22,16 +22,26 @@ BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**14
 
 
-def maybe_initialize_distributed(force: bool) -> None:
+def maybe_initialize_distributed(force: bool, coordinator_address: str | None = None,
+                                 num_processes: int | None = None, process_id: int | None = None) -> None:
     """Calls jax.distributed.initialize() when asked or when a cluster launcher says so.
 
-    With no arguments JAX detects Cloud TPU pods, SLURM and other clusters itself.
-    A SLURM job with one task, or a plain machine, runs as a single process.
+    With no coordinator given, JAX detects Cloud TPU pods, SLURM and other
+    clusters itself. A coordinator address (host:port of process 0) starts a
+    job by hand; then num_processes and process_id are required as well. A
+    SLURM job with one task, or a plain machine, runs as a single process.
     """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError(f"Explicit multi-process start-up needs all of --coordinator_address, "
+                         f"--num_processes and --process_id; got coordinator_address={coordinator_address}, "
+                         f"num_processes={num_processes}, process_id={process_id}.")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id must be in 0..{num_processes - 1}, got {process_id}.")
     in_multitask_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
     in_tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    if force or in_multitask_slurm or in_tpu_pod:
-        jax.distributed.initialize()
+    if force or coordinator_address is not None or in_multitask_slurm or in_tpu_pod:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
         logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                      jax.process_index(), jax.process_count(), jax.local_device_count(),
                      jax.device_count())

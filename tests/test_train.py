@@ -149,3 +149,26 @@ def test_sample_mode_writes_npz_and_grid(tmp_path):
     # EMA params by default; deterministic for the seed.
     again = np.load(generate.run_sample(config, str(tmp_path)))["images"]
     np.testing.assert_array_equal(images, again)
+
+
+def test_class_conditional_training_and_sampling(tmp_path):
+    rng = np.random.RandomState(0)
+    labels = rng.randint(0, 3, 64)
+    images = (rng.rand(64, 8, 8, 1) * 255).astype(np.uint8)
+    np.savez(tmp_path / "data.npz", images=images, labels=labels)
+    config = tiny_config(num_steps=2)
+    config.data.name, config.data.path, config.data.num_classes = "npz", str(tmp_path / "data.npz"), 3
+    config.model.num_classes = 3
+    config.sampling.num_samples = 12
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    out = np.load(generate.run_sample(config, str(tmp_path / "run")))
+    assert out["images"].shape == (12, 8, 8, 1)
+    assert out["labels"].shape == (12,) and set(out["labels"]) <= {0, 1, 2} and len(set(out["labels"])) > 1
+
+
+def test_mismatched_class_counts_are_a_config_error():
+    config = tiny_config()
+    config.data.num_classes = 10
+    config.model.num_classes = 0
+    with pytest.raises(experiment.ConfigError, match=r"model.num_classes \(0\) must equal config.data.num_classes \(10\)"):
+        experiment.validate_config(config)

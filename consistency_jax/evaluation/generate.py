@@ -5,13 +5,17 @@ Generation is jitted, sharded over the mesh and deterministic for a seed.
 
 import json
 import os
+import shutil
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from consistency_jax import checkpointing, parallel, samplers
 from consistency_jax.data import pipeline
@@ -20,7 +24,8 @@ from consistency_jax.experiment import Experiment, create_experiment, validate_c
 from consistency_jax.state import TrainState
 from consistency_jax.visualization import save_image_grid
 
-
+# Seconds between progress lines while generating samples.
+PROGRESS_EVERY_S = 30.0
 
 
 def select_params(state: TrainState, ema_rates: tuple[float, ...], ema_rate: float) -> Any:
@@ -50,21 +55,204 @@ def make_sampler(experiment: Experiment, num_steps: int) -> Callable:
 
 
 def generate(experiment: Experiment, params: Any, num_samples: int, num_steps: int, seed: int,
-             batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """num_samples uint8 images (and labels when class-conditional), deterministic for a seed."""
-    batch_size = max(experiment.mesh.size, batch_size - batch_size % experiment.mesh.size)
+             batch_size: int, chunk_dir: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """num_samples uint8 images (and labels when class-conditional), deterministic for a seed.
+
+    Images come in chunks of one sampler batch (batch_size rounded to the mesh
+    size); chunk i is drawn with fold_in(PRNGKey(seed), i) alone, so it does not
+    depend on num_samples, on the device count or on which chunks were made
+    before it. With a chunk_dir every chunk is also written there as it is
+    made, and chunks already there are loaded instead of sampled again: an
+    interrupted run resumes where it stopped and returns the same images.
+    """
+    if num_samples <= 0:
+        raise ValueError(f"generate needs num_samples > 0, got {num_samples}.")
+    chunk_size = max(experiment.mesh.size, batch_size - batch_size % experiment.mesh.size)
+    num_chunks = -(-num_samples // chunk_size)
     sampler = make_sampler(experiment, num_steps)
-    rng = jax.random.PRNGKey(seed)
+    store = None
+    if chunk_dir is not None:
+        manifest = {
+            "chunk_size": chunk_size,
+            "image_shape": list(experiment.image_shape),
+            "num_classes": experiment.num_classes,
+            "num_steps": num_steps,
+            "sigmas": list(samplers.sampling_sigmas(experiment.config, num_steps)),
+            "seed": seed,
+            "params_fingerprint": params_fingerprint(params),
+        }
+        store = ChunkStore(chunk_dir, manifest)
+    present = store.present(num_chunks) if store else np.zeros(num_chunks, bool)
+    progress = _Progress(f"{num_steps}-step samples", num_chunks, chunk_size, int(present.sum()))
     images, labels = [], []
-    for start in range(0, num_samples, batch_size):
-        batch_rng, label_rng = jax.random.split(jax.random.fold_in(rng, start))
-        label_batch = (jax.random.randint(label_rng, (batch_size,), 0, experiment.num_classes)
-                       if experiment.num_classes > 0 else jnp.zeros((batch_size,), jnp.int32))
-        images.append(np.asarray(jax.device_get(sampler(params, batch_rng, label_batch))))
-        labels.append(np.asarray(label_batch))
+    for index in range(num_chunks):
+        if present[index]:
+            chunk = store.load(index)
+        else:
+            chunk = _sample_chunk(experiment, sampler, params, seed, index, chunk_size)
+            if store:
+                store.write(index, *chunk)
+            progress.made_one()
+        images.append(chunk[0])
+        labels.append(chunk[1])
+    progress.done()
     images = np.concatenate(images)[:num_samples]
     labels = np.concatenate(labels)[:num_samples] if experiment.num_classes > 0 else None
     return images, labels
+
+
+def _sample_chunk(experiment: Experiment, sampler: Callable, params: Any, seed: int, index: int,
+                  chunk_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    # Keys and labels go in as numpy: identical on every process, so jit takes them as replicated.
+    batch_rng, label_rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), index))
+    if experiment.num_classes > 0:
+        labels = np.asarray(jax.random.randint(label_rng, (chunk_size,), 0, experiment.num_classes), np.int32)
+    else:
+        labels = np.zeros((chunk_size,), np.int32)
+    images = sampler(params, np.asarray(batch_rng), labels)
+    # Every process gets the whole chunk (the metrics run on each process's own devices).
+    images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
+    return images, (labels if experiment.num_classes > 0 else None)
+
+
+@jax.jit
+def _sum_of_magnitudes(params: Any) -> jax.Array:
+    return sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(params))
+
+
+def params_fingerprint(params: Any) -> str:
+    """A short string that changes when the params do: chunks of other params are never reused."""
+    total = np.asarray(multihost_utils.process_allgather(_sum_of_magnitudes(params), tiled=True), np.float32)
+    shapes = [tuple(x.shape) for x in jax.tree.leaves(params)]
+    return f"{total.item():.9e}|{len(shapes)} arrays|{sum(int(np.prod(s)) for s in shapes)} values"
+
+
+class ChunkStore:
+    """Sample chunks as chunk_<index>.npz files in a directory, with a manifest of what made them.
+
+    Process 0 reads and writes the files and broadcasts what it read, so the
+    directory need not be visible to the other processes. Files are written
+    whole and renamed into place: a killed run never leaves a half chunk under
+    a chunk's name. Chunks made with other settings (manifest mismatch) or of
+    the wrong shape are discarded and sampled again.
+    """
+
+    def __init__(self, directory: str, manifest: dict):
+        self.directory = directory
+        self.manifest = manifest
+        self._is_writer = jax.process_index() == 0
+        if self._is_writer:
+            self._start_directory()
+
+    def _start_directory(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, "manifest.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
+            if previous == self.manifest:
+                return
+            stale = [name for name in os.listdir(self.directory) if name.endswith(".npz")]
+            logging.warning("Sample chunks in %s were made with other settings (%s); discarding %d of them.",
+                            self.directory, _manifest_difference(previous, self.manifest), len(stale))
+            for name in stale:
+                os.remove(os.path.join(self.directory, name))
+        _write_atomically(path, lambda f: json.dump(self.manifest, f, indent=2), binary=False)
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.directory, f"chunk_{index:06d}.npz")
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The chunk if its file holds chunk_size images of the right shape (and labels when conditional)."""
+        path = self._path(index)
+        if not os.path.exists(path):
+            return None
+        size = self.manifest["chunk_size"]
+        expected = (size, *self.manifest["image_shape"])
+        try:
+            with np.load(path) as stored:
+                images = stored["images"]
+                labels = stored["labels"] if "labels" in stored.files else None
+        except (OSError, ValueError, KeyError) as e:
+            logging.warning("Sample chunk %s is unreadable (%s); sampling it again.", path, e)
+            return None
+        conditional = self.manifest["num_classes"] > 0
+        if (images.shape != expected or images.dtype != np.uint8
+                or conditional != (labels is not None) or (conditional and labels.shape != (size,))):
+            logging.warning("Sample chunk %s holds images %s %s (expected uint8 %s); sampling it again.",
+                            path, images.dtype, images.shape, expected)
+            return None
+        return images, labels
+
+    def present(self, num_chunks: int) -> np.ndarray:
+        """Which of chunks 0..num_chunks-1 are on disk and valid; the same answer on every process."""
+        found = np.asarray([self._is_writer and self._read(i) is not None for i in range(num_chunks)], bool)
+        return np.asarray(multihost_utils.broadcast_one_to_all(found), bool)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        size, shape = self.manifest["chunk_size"], tuple(self.manifest["image_shape"])
+        chunk = self._read(index) if self._is_writer else None
+        images = chunk[0] if chunk else np.zeros((size, *shape), np.uint8)
+        images = np.asarray(multihost_utils.broadcast_one_to_all(images))
+        if self.manifest["num_classes"] == 0:
+            return images, None
+        labels = chunk[1] if chunk else np.zeros((size,), np.int32)
+        return images, np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(labels, np.int32)))
+
+    def write(self, index: int, images: np.ndarray, labels: np.ndarray | None) -> None:
+        if not self._is_writer:
+            return
+        arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+        _write_atomically(self._path(index), lambda f: np.savez(f, **arrays), binary=True)
+
+    def remove(self) -> None:
+        """Deletes the directory once its samples are used up (evaluations keep metrics, not images)."""
+        if self._is_writer:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _manifest_difference(old: dict, new: dict) -> str:
+    keys = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys)
+
+
+def _write_atomically(path: str, write: Callable, *, binary: bool) -> None:
+    partial = path + ".partial"
+    with open(partial, "wb" if binary else "w") as f:
+        write(f)
+    os.replace(partial, path)
+
+
+class _Progress:
+    """Log lines on process 0 with images done, rate and ETA: at most one every PROGRESS_EVERY_S, and the last."""
+
+    def __init__(self, what: str, num_chunks: int, chunk_size: int, already_done: int):
+        self._what, self._num_chunks, self._chunk_size = what, num_chunks, chunk_size
+        self._done = self._resumed = already_done
+        self._start = self._last_log = time.time()
+        if already_done and jax.process_index() == 0:
+            logging.info("%s: resuming with %d of %d chunks already on disk.", what, already_done, num_chunks)
+
+    def made_one(self) -> None:
+        self._done += 1
+        now = time.time()
+        if now - self._last_log >= PROGRESS_EVERY_S or self._done == self._num_chunks:
+            self._last_log = now
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        if jax.process_index() != 0:
+            return
+        made = (self._done - self._resumed) * self._chunk_size
+        rate = made / max(now - self._start, 1e-9)
+        left = (self._num_chunks - self._done) * self._chunk_size / max(rate, 1e-9)
+        logging.info("%s: chunk %d/%d (%d images), %.1f images/s, ETA %s", self._what, self._done,
+                     self._num_chunks, self._done * self._chunk_size, rate,
+                     time.strftime("%H:%M:%S", time.gmtime(left)))
+
+    def done(self) -> None:
+        if self._done == self._resumed and self._done and jax.process_index() == 0:
+            logging.info("%s: all %d chunks were already on disk.", self._what, self._done)
 
 
 # ----------------------------------------------------------------------------
@@ -87,20 +275,26 @@ def restore_state(experiment: Experiment, workdir: str, step: int | None) -> Tra
 
 
 def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> str:
-    """--mode=sample: writes config.sampling.num_samples samples to .npz (uint8 NHWC) and a PNG grid."""
+    """--mode=sample: writes config.sampling.num_samples samples to .npz (uint8 NHWC) and a PNG grid.
+
+    Samples are made in chunks under samples/chunks_<stem>/ first, so an
+    interrupted run picks up where it stopped; the chunks go once the .npz is written.
+    """
     validate_config(config)
     experiment = create_experiment(config)
     state = restore_state(experiment, workdir, step)
     sampling = config.sampling
     params = select_params(state, tuple(config.training.ema_rates), sampling.ema_rate)
+    name = f"samples_step{int(state.step)}_{sampling.num_steps}steps"
+    chunk_dir = os.path.join(workdir, "samples", f"chunks_{name}_seed{config.seed}")
     images, labels = generate(experiment, params, sampling.num_samples, sampling.num_steps, config.seed,
-                              sampling.batch_size)
-    stem = os.path.join(workdir, "samples", f"samples_step{int(state.step)}_{sampling.num_steps}steps")
+                              sampling.batch_size, chunk_dir=chunk_dir)
+    stem = os.path.join(workdir, "samples", name)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
         arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-        np.savez(stem + ".npz", **arrays)
+        _write_atomically(stem + ".npz", lambda f: np.savez(f, **arrays), binary=True)
         save_image_grid(images[:256], stem + ".png")
+        shutil.rmtree(chunk_dir, ignore_errors=True)
         logging.info("Wrote %d samples to %s.npz and a grid to %s.png", len(images), stem, stem)
     return stem + ".npz"
 
@@ -126,34 +320,102 @@ def evaluate_state(experiment: Experiment, state: TrainState, workdir: str, step
                                                      num_examples=None)
     ema_rate = config.sampling.ema_rate
     params = select_params(state, tuple(config.training.ema_rates), ema_rate)
+    seed = config.seed + 1
+    eval_dir = os.path.join(workdir, "eval")
+    chunk_dirs = []
+
+    def samples_of(params, num_steps, label):
+        chunk_dirs.append(os.path.join(eval_dir, f"samples_{label}_{num_steps}steps_seed{seed}"))
+        return generate(experiment, params, ev.num_samples, num_steps, seed, config.sampling.batch_size,
+                        chunk_dir=chunk_dirs[-1])[0]
+
     rows: dict[str, dict[str, float]] = {}
     for num_steps in ev.steps:
-        images, _ = generate(experiment, params, ev.num_samples, num_steps, config.seed + 1,
-                             config.sampling.batch_size)
+        images = samples_of(params, num_steps, f"{step:08d}")
         rows[f"samples_{num_steps}step"] = metrics.compute_metrics(extractor, images, reference)
     if with_baselines:
         heldout = pipeline.heldout_split(config.data)
         if heldout:
             real, _ = pipeline.load_eval_images(config.data, heldout, ev.num_samples)
             rows[f"real_{heldout}"] = metrics.compute_metrics(extractor, real, reference)
-        untrained = experiment.init_state(jax.random.PRNGKey(config.seed)).params
-        images, _ = generate(experiment, untrained, ev.num_samples, 1, config.seed + 1,
-                             config.sampling.batch_size)
+        untrained = experiment.create_state().params  # the step-0 state, sharded like the trained one
+        images = samples_of(untrained, 1, "untrained")
         rows["untrained_1step"] = metrics.compute_metrics(extractor, images, reference)
     result = {
         "checkpoint_step": step,
         "feature_extractor": extractor.name,
         "num_samples": ev.num_samples,
+        "steps": list(ev.steps),
         "ema_rate": _ema_rate_used(config.training.ema_rates, ema_rate),
         "sigmas": {n: list(samplers.sampling_sigmas(config, n)) for n in ev.steps},
         "results": rows,
     }
     if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        with open(os.path.join(workdir, "eval", f"step_{step:08d}.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        os.makedirs(eval_dir, exist_ok=True)
+        path = os.path.join(eval_dir, f"step_{step:08d}.json")
+        _write_atomically(path, lambda f: json.dump(result, f, indent=2), binary=False)
+        # The samples were only kept to resume an interrupted evaluation; the metrics are in the JSON now.
+        for chunk_dir in chunk_dirs:
+            shutil.rmtree(chunk_dir, ignore_errors=True)
         print(format_report(result))
+        logging.info("Wrote the evaluation to %s", path)
     return {f"{name}/{key}": value for name, row in rows.items() for key, value in row.items()}
+
+
+def best_metric_name(config: ml_collections.ConfigDict) -> str:
+    """The metric the best checkpoint is chosen by: FID of the fewest-step sampler evaluated (1 step by default)."""
+    return f"samples_{min(config.eval.steps)}step/fid"
+
+
+def _best_manager(workdir: str) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["fid"], best_mode="min",
+                                           enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager(os.path.join(workdir, "best"), options=options, item_names=("state",))
+
+
+def record_evaluation(experiment: Experiment, state: TrainState, workdir: str, step: int,
+                      evaluation: dict[str, float]) -> dict[str, float]:
+    """Keeps the state with the lowest FID so far in <workdir>/best; returns {'best_fid': ...} to log.
+
+    `evaluation` is what evaluate_state returned for this state. The state is
+    saved (synchronously, by every process) only when its FID beats the stored
+    best; the previous best is then deleted. Restore it with restore_best_state.
+    """
+    name = best_metric_name(experiment.config)
+    if name not in evaluation:
+        raise KeyError(f"The evaluation has no {name!r} to choose the best checkpoint by; it has "
+                       f"{sorted(evaluation)}.")
+    fid = float(evaluation[name])
+    manager = _best_manager(workdir)
+    try:
+        best_step = manager.best_step()
+        best_fid = float(manager.metrics(best_step)["fid"]) if best_step is not None else float("inf")
+        improved = np.isfinite(fid) and fid < best_fid and step not in manager.all_steps()
+        # One decision for all processes: saving is collective.
+        if bool(multihost_utils.broadcast_one_to_all(np.asarray(improved))):
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), metrics={"fid": fid})
+            manager.wait_until_finished()
+            logging.info("New best %s %.4f at step %d (previous best %.4f); saved to %s/best.", name, fid, step,
+                         best_fid, workdir)
+            best_fid = fid
+    finally:
+        manager.close()
+    return {"best_fid": best_fid}
+
+
+def restore_best_state(experiment: Experiment, workdir: str) -> tuple[int, TrainState]:
+    """(step, state) of the best checkpoint that record_evaluation kept in <workdir>/best."""
+    manager = _best_manager(workdir)
+    try:
+        step = manager.best_step()
+        if step is None:
+            raise FileNotFoundError(f"No best checkpoint in {workdir}/best: it is written by evaluations during "
+                                    f"training (config.eval.every_steps > 0).")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(experiment.abstract_state())))
+    finally:
+        manager.close()
+    return step, restored.state
 
 
 def _ema_rate_used(ema_rates, ema_rate: float) -> float:

@@ -1,0 +1,37 @@
+"""`python -m consistency_jax.main` for the child processes of the fault-tolerance and multi-host tests.
+
+Run from the repository root as `python -m tests.ft_driver <main.py flags>`.
+Test-only knobs, read from the environment:
+
+  FT_STEP_DELAY_S   sleep this long before every train step, so that a test can
+                    signal a run in the middle rather than after it finished
+  FT_FSDP_MIN_SIZE  lower parallel.FSDP_MIN_SIZE, so that the tiny test model's
+                    arrays are really split over the fsdp axis
+"""
+
+import os
+import time
+
+import jax
+from absl import app
+
+from consistency_jax import main, parallel
+
+# Tiny test models compile much faster without XLA's optimisation passes.
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _with_delay(global_batch, delay_s: float):
+    def delayed(local_batch, mesh):
+        time.sleep(delay_s)
+        return global_batch(local_batch, mesh)
+
+    return delayed
+
+
+if __name__ == "__main__":
+    if os.environ.get("FT_STEP_DELAY_S"):
+        parallel.global_batch = _with_delay(parallel.global_batch, float(os.environ["FT_STEP_DELAY_S"]))
+    if os.environ.get("FT_FSDP_MIN_SIZE"):
+        parallel.FSDP_MIN_SIZE = int(os.environ["FT_FSDP_MIN_SIZE"])
+    app.run(main.main)

@@ -1,0 +1,159 @@
+"""Sample generation for evaluation: chunked and resumable, --mode=eval's JSON, the best-FID checkpoint."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from consistency_jax import experiment, train
+from consistency_jax.evaluation import extractors, generate, metrics, reference_stats
+from tests.helpers import tiny_config
+
+BATCH = 8  # one chunk = one sampler batch of 8 images
+REAL_MAKE_SAMPLER = generate.make_sampler
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """An experiment on the 8 test devices and its (untrained, fixed-seed) params."""
+    exp = experiment.create_experiment(tiny_config(), jax.devices()[:8])
+    return exp, exp.create_state().params
+
+
+class Interrupted(Exception):
+    pass
+
+
+def count_sampler_calls(monkeypatch, interrupt_after: int | None = None) -> list:
+    """Patches make_sampler so that its calls are counted (and raise Interrupted after `interrupt_after`)."""
+    calls = []
+
+    def make_counting_sampler(exp, num_steps):
+        sampler = REAL_MAKE_SAMPLER(exp, num_steps)
+
+        def counted(*args):
+            if interrupt_after is not None and len(calls) == interrupt_after:
+                raise Interrupted
+            calls.append(args)
+            return sampler(*args)
+
+        return counted
+
+    monkeypatch.setattr(generate, "make_sampler", make_counting_sampler)
+    return calls
+
+
+def test_chunked_generation_equals_one_shot_and_does_not_depend_on_devices(tiny, tmp_path):
+    exp, params = tiny
+    in_memory, labels = generate.generate(exp, params, 20, 2, seed=3, batch_size=BATCH)
+    on_disk, _ = generate.generate(exp, params, 20, 2, seed=3, batch_size=BATCH, chunk_dir=str(tmp_path / "c"))
+    assert in_memory.shape == (20, 8, 8, 1) and in_memory.dtype == np.uint8 and labels is None
+    np.testing.assert_array_equal(in_memory, on_disk)
+    assert sorted(os.listdir(tmp_path / "c")) == ["chunk_000000.npz", "chunk_000001.npz", "chunk_000002.npz",
+                                                  "manifest.json"]
+    # Every chunk (including the last, cut to 4 images) holds a full batch on disk.
+    stored = np.concatenate([np.load(tmp_path / "c" / f"chunk_00000{i}.npz")["images"] for i in range(3)])
+    assert stored.shape == (24, 8, 8, 1)
+    np.testing.assert_array_equal(stored[:20], in_memory)
+    # Chunks draw different noise; fewer samples are a prefix of more.
+    assert not np.array_equal(in_memory[:8], in_memory[8:16])
+    fewer, _ = generate.generate(exp, params, 11, 2, seed=3, batch_size=BATCH)
+    np.testing.assert_array_equal(fewer, in_memory[:11])
+    # One device instead of eight: the same images (up to a rare rounding flip of one level).
+    exp1 = experiment.create_experiment(tiny_config(), jax.devices()[:1])
+    one_device, _ = generate.generate(exp1, jax.device_get(params), 20, 2, seed=3, batch_size=BATCH)
+    difference = np.abs(one_device.astype(int) - in_memory.astype(int))
+    assert difference.max() <= 1 and np.mean(difference > 0) < 0.01
+
+
+def test_interrupted_generation_resumes_with_identical_output(tiny, tmp_path, monkeypatch):
+    exp, params = tiny
+    chunk_dir = str(tmp_path / "chunks")
+    expected, _ = generate.generate(exp, params, 36, 1, seed=5, batch_size=BATCH)
+
+    count_sampler_calls(monkeypatch, interrupt_after=2)
+    with pytest.raises(Interrupted):
+        generate.generate(exp, params, 36, 1, seed=5, batch_size=BATCH, chunk_dir=chunk_dir)
+    assert sorted(n for n in os.listdir(chunk_dir) if n.startswith("chunk")) == ["chunk_000000.npz",
+                                                                                   "chunk_000001.npz"]
+
+    calls = count_sampler_calls(monkeypatch)
+    resumed, _ = generate.generate(exp, params, 36, 1, seed=5, batch_size=BATCH, chunk_dir=chunk_dir)
+    assert len(calls) == 3  # chunks 2, 3 and 4 of 5
+    np.testing.assert_array_equal(resumed, expected)
+
+    # Chunks on disk are read, not recomputed: a (valid) replaced chunk shows up in the output...
+    marked = np.full((BATCH, 8, 8, 1), 7, np.uint8)
+    np.savez(os.path.join(chunk_dir, "chunk_000001.npz"), images=marked)
+    # ...and one of the wrong shape is sampled again.
+    np.savez(os.path.join(chunk_dir, "chunk_000003.npz"), images=marked[:5])
+    calls = count_sampler_calls(monkeypatch)
+    again, _ = generate.generate(exp, params, 36, 1, seed=5, batch_size=BATCH, chunk_dir=chunk_dir)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(again[8:16], marked)
+    np.testing.assert_array_equal(again[24:32], expected[24:32])
+
+
+def test_chunks_of_other_settings_or_params_are_discarded(tiny, tmp_path):
+    exp, params = tiny
+    chunk_dir = str(tmp_path / "chunks")
+    generate.generate(exp, params, 16, 1, seed=5, batch_size=BATCH, chunk_dir=chunk_dir)
+    other_seed, _ = generate.generate(exp, params, 16, 1, seed=6, batch_size=BATCH, chunk_dir=chunk_dir)
+    np.testing.assert_array_equal(other_seed, generate.generate(exp, params, 16, 1, seed=6, batch_size=BATCH)[0])
+    assert json.load(open(os.path.join(chunk_dir, "manifest.json")))["seed"] == 6
+    changed = jax.tree.map(lambda x: x * 1.5, params)
+    assert generate.params_fingerprint(changed) != generate.params_fingerprint(params)
+    from_changed, _ = generate.generate(exp, changed, 16, 1, seed=6, batch_size=BATCH, chunk_dir=chunk_dir)
+    np.testing.assert_array_equal(from_changed, generate.generate(exp, changed, 16, 1, seed=6, batch_size=BATCH)[0])
+
+
+def test_eval_mode_writes_the_json_result(tmp_path):
+    config = tiny_config(num_steps=2)
+    config.eval.num_samples = 16
+    train.train_and_evaluate(config, str(tmp_path))
+    generate.run_eval(config, str(tmp_path))
+    result = json.load(open(tmp_path / "eval" / "step_00000002.json"))
+    assert result["checkpoint_step"] == 2
+    assert result["feature_extractor"] == "digits"
+    assert result["num_samples"] == 16 and result["steps"] == [1, 2] and result["ema_rate"] == 0.9
+    assert result["sigmas"] == {"1": [80.0], "2": [80.0, 0.821]}
+    assert set(result["results"]) == {"samples_1step", "samples_2step"}
+    for row in result["results"].values():
+        assert row["num_samples"] == 16 and row["fid"] > 0 and row["is"] >= 1
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    # Only the JSON is left: the sample chunks were removed once the metrics were written.
+    assert sorted(os.listdir(tmp_path / "eval")) == ["step_00000002.json"]
+    # The 1-step row is the metrics of the EMA's 1-step samples with seed + 1, computed here independently.
+    exp = experiment.create_experiment(config)
+    state = generate.restore_state(exp, str(tmp_path), 2)
+    images, _ = generate.generate(exp, state.ema_params[0], 16, 1, config.seed + 1, config.sampling.batch_size)
+    extractor = extractors.create_feature_extractor(config.eval, cache_dir=str(tmp_path / "eval_cache"))
+    reference = reference_stats.reference_statistics(extractor, config.data, str(tmp_path / "eval_cache"), "train")
+    expected = metrics.compute_metrics(extractor, images, reference)
+    for key in ("fid", "is", "precision", "recall"):
+        assert result["results"]["samples_1step"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
+
+
+def test_best_checkpoint_is_replaced_only_on_improvement(tiny, tmp_path):
+    exp, _ = tiny
+    state = exp.create_state()
+    workdir = str(tmp_path)
+
+    def record(step, fid):
+        saved_state = state.replace(step=state.step + step)
+        return generate.record_evaluation(exp, saved_state, workdir, step, {"samples_1step/fid": fid,
+                                                                             "samples_2step/fid": 0.0})
+
+    assert record(10, 5.0) == {"best_fid": 5.0}
+    assert record(20, 7.0) == {"best_fid": 5.0}
+    assert record(30, float("nan")) == {"best_fid": 5.0}
+    assert os.listdir(tmp_path / "best") == ["10"]
+    assert record(40, 3.0) == {"best_fid": 3.0}
+    assert os.listdir(tmp_path / "best") == ["40"]
+    step, best = generate.restore_best_state(exp, workdir)
+    assert step == 40 and int(best.step) == 40
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), best.params, state.params)
+    with pytest.raises(KeyError, match="samples_1step/fid"):
+        generate.record_evaluation(exp, state, workdir, 50, {"samples_2step/fid": 1.0})
