@@ -10,13 +10,15 @@ Reports: parameter count; compile time (lowering + XLA compilation, timed
 apart from running); the median steady-state step time over --steps steps,
 as steps/s and images/s; one-step sampling images/s; and peak memory (on
 GPU/TPU the largest device's peak_bytes_in_use, on CPU the process's peak
-resident set, which includes compilation). On CPU it also reports the cores
-XLA can use and the load average, since other jobs on the machine slow it.
+resident set, which includes compilation). Since other jobs on a shared
+machine slow it down, it also reports the cores XLA can use, the load average
+before and after, and the process CPU time per step.
 
-Where the network, batch and machine kind match a figure in
-/work/shared/BENCHMARKS.md (the PyTorch ECT peer, float32, CPU), the table
-also gives the ratio to that figure. The peer is not run here: those ratios
-compare against figures measured by an outside harness, not a baseline
+Where the network, batch and machine kind match a figure of the project's
+reference table BENCHMARKS.md (the PyTorch ECT peer, float32, 2-vCPU CPU;
+copied into PEER_FIGURES), the table also gives the ratio to that figure,
+labelled "vs peer (BENCHMARKS.md)". The peer is not run here: those ratios
+compare with figures an outside harness measured, not with a baseline
 measured in the same run.
 
 Usage:
@@ -112,11 +114,12 @@ def with_synthetic_data(config: ml_collections.ConfigDict, directory: str) -> ml
 
 
 def synthetic_batch(experiment: Experiment, batch_size: int, seed: int = 0) -> dict[str, jax.Array]:
-    """A batch as the input pipeline yields it (images in [-1, 1], labels if conditional), on the mesh."""
-    rng = np.random.default_rng(seed)
-    batch = {"image": rng.uniform(-1, 1, (batch_size, *experiment.image_shape)).astype(np.float32)}
+    """A global batch as the input pipeline yields it (images in [-1, 1], labels if conditional), on the mesh."""
+    rng = np.random.default_rng([seed, jax.process_index()])
+    local_size = batch_size // jax.process_count()
+    batch = {"image": rng.uniform(-1, 1, (local_size, *experiment.image_shape)).astype(np.float32)}
     if experiment.num_classes > 0:
-        batch["label"] = rng.integers(0, experiment.num_classes, (batch_size,)).astype(np.int32)
+        batch["label"] = rng.integers(0, experiment.num_classes, (local_size,)).astype(np.int32)
     return parallel.global_batch(batch, experiment.mesh)
 
 
@@ -156,15 +159,23 @@ def _param_count(params: Any) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
+def _process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _time_train(experiment: Experiment, batch_size: int, steps: int) -> tuple[dict[str, Any], Any]:
     init_seconds, state = _seconds(experiment.create_state)
     batch = synthetic_batch(experiment, batch_size)
     compile_seconds, step = _compile(train.jit_train_step(experiment), state, batch)
+    peak_after_compile, _ = peak_memory()
     first_seconds, (state, _) = _seconds(lambda: step(state, batch))  # one-off run-time set-up
     step_seconds = []
+    cpu_start = _process_cpu_seconds()
     for _ in range(steps):
         seconds, (state, metrics) = _seconds(lambda: step(state, batch))
         step_seconds.append(seconds)
+    cpu_per_step = (_process_cpu_seconds() - cpu_start) / steps
     if not np.isfinite(float(metrics["loss"])):
         raise FloatingPointError("The benchmarked train step produced a non-finite loss.")
     median = statistics.median(step_seconds)
@@ -172,11 +183,14 @@ def _time_train(experiment: Experiment, batch_size: int, steps: int) -> tuple[di
         "param_count": _param_count(state.params),
         "init_s": init_seconds,
         "compile_s": compile_seconds,
+        "peak_memory_after_compile_bytes": peak_after_compile,
         "first_step_s": first_seconds,
         "step_seconds": step_seconds,
         "step_s_median": median,
         "steps_per_s": 1.0 / median,
         "train_images_per_s": batch_size / median,
+        # Busy-machine aid: CPU time the process spent per step, all threads together.
+        "cpu_s_per_step": cpu_per_step,
     }
     return result, state.params
 
@@ -185,7 +199,8 @@ def _time_sampling(experiment: Experiment, params: Any, sample_batch: int, repea
     rng = jax.random.PRNGKey(0)
     labels = synthetic_batch(experiment, sample_batch, seed=1).get("label")
     if labels is None:  # the sampler takes labels even when unconditional, and ignores them
-        labels = parallel.global_batch({"label": np.zeros((sample_batch,), np.int32)}, experiment.mesh)["label"]
+        local_size = sample_batch // jax.process_count()
+        labels = parallel.global_batch({"label": np.zeros((local_size,), np.int32)}, experiment.mesh)["label"]
     compile_seconds, sample = _compile(generate.make_sampler(experiment, num_steps=1), params, rng, labels)
     _seconds(lambda: sample(params, rng, labels))
     seconds = [_seconds(lambda: sample(params, jax.random.fold_in(rng, i), labels))[0] for i in range(repeats)]
@@ -271,7 +286,9 @@ def format_table(result: dict[str, Any]) -> str:
                                 f"(min {min(result['step_seconds']):.3f}, max {max(result['step_seconds']):.3f})"),
         ("steps/s", f"{result['steps_per_s']:.3f}"),
         ("images/s (train)", f"{result['train_images_per_s']:.2f}"),
-        ("peak memory (train)", f"{result['peak_memory_train_bytes'] / gb:.2f} GB ({result['memory_measure']})"),
+        ("process CPU time / step", f"{result['cpu_s_per_step']:.3f} s (all threads)"),
+        ("peak memory (train)", f"{result['peak_memory_train_bytes'] / gb:.2f} GB ({result['memory_measure']}; "
+                                f"{result['peak_memory_after_compile_bytes'] / gb:.2f} GB after compiling)"),
     ]
     if result["rss_at_start_bytes"] is not None:
         rows.append(("RSS before the network", f"{result['rss_at_start_bytes'] / gb:.2f} GB (imports)"))

@@ -83,6 +83,8 @@ class Experiment:
     num_classes: int
     mesh: jax.sharding.Mesh
     optimizer: optax.GradientTransformation
+    # Compiled samplers by their sigmas (see evaluation/generate.make_sampler).
+    jitted_samplers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def init_state(self, rng: jax.Array) -> TrainState:
         params = self.fn.init(rng, self.image_shape, self.num_classes > 0)
@@ -91,7 +93,7 @@ class Experiment:
     @functools.cached_property
     def state_shardings(self) -> Any:
         abstract = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
-        return parallel.state_shardings(abstract, self.mesh)
+        return parallel.state_shardings(abstract, self.mesh, self.config.mesh.fsdp_min_size)
 
     def abstract_state(self) -> Any:
         abstract = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))

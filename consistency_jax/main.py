@@ -5,6 +5,9 @@
     python -m consistency_jax.main --config=configs/cifar10_ict.py --workdir=... --config.training.batch_size=512
 """
 
+import logging as std_logging
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -26,9 +29,19 @@ flags.DEFINE_integer("process_id", None, "This process's index (0..num_processes
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO lines of orbax and TFDS (orbax logs every step of every save); keeps their warnings."""
+
+    _NOISY = (os.sep + "orbax" + os.sep, os.sep + "tensorflow_datasets" + os.sep)
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in self._NOISY)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
         parallel.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                                               FLAGS.process_id)

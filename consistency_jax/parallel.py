@@ -17,9 +17,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-# Arrays smaller than this stay replicated under FSDP: splitting them saves
-# little memory and costs a collective each.
-FSDP_MIN_SIZE = 2**14
 
 
 def maybe_initialize_distributed(force: bool, coordinator_address: str | None = None,
@@ -76,9 +73,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
-    """Splits the largest dimension divisible by the fsdp size; small arrays stay replicated."""
-    if fsdp_size == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
+    """Splits the largest dimension divisible by the fsdp size; arrays under min_size stay replicated."""
+    if fsdp_size == 1 or math.prod(shape) < min_size:
         return P()
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
         if shape[dim] % fsdp_size == 0:
@@ -86,10 +83,11 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
     return P()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int) -> Any:
     """NamedShardings for every leaf of the (abstract) train state."""
     fsdp_size = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size)), abstract_state)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, fsdp_min_size)),
+                        abstract_state)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

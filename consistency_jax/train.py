@@ -104,18 +104,28 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
 
 
 class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop polls, so the run can save and exit cleanly."""
+    """Turns SIGTERM into a flag the loop polls, so the run can save and exit cleanly.
+
+    Single process only. With several processes, JAX's own SIGTERM handler
+    (installed by jax.distributed.initialize) must stay in place: it makes every
+    process stop at the same step through checkpointer.reached_preemption,
+    whereas a flag on the signalled process alone would leave the others
+    waiting in the next collective.
+    """
 
     def __init__(self):
         self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = jax.process_count() == 1
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting.")
         self.raised = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -172,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 logging.warning("Preempted: checkpoint written at step %d; exiting.", step)
                 break
             if config.eval.every_steps and step % config.eval.every_steps == 0 and not at_end:
-                log.write(step, generate.evaluate_state(experiment, state, workdir, step))
+                _evaluate(experiment, state, workdir, step, log, with_baselines=False)
     finally:
         sigterm.restore()
         checkpointer.wait()
@@ -180,10 +190,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         log.flush()
 
     if config.eval.at_end and step == train.num_steps and not sigterm.raised:
-        report = generate.evaluate_state(experiment, state, workdir, step, with_baselines=True)
-        log.write(step, report)
+        _evaluate(experiment, state, workdir, step, log, with_baselines=True)
         log.flush()
     return state
+
+
+def _evaluate(experiment: Experiment, state: TrainState, workdir: str, step: int, log: MetricsLog,
+              with_baselines: bool) -> None:
+    """Logs the metrics of `state` and keeps it in <workdir>/best if its FID is the lowest so far."""
+    report = generate.evaluate_state(experiment, state, workdir, step, with_baselines=with_baselines)
+    log.write(step, {**report, **generate.record_evaluation(experiment, state, workdir, step, report)})
 
 
 def _fetch(step: int, metrics: dict) -> dict[str, float]:

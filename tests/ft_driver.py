@@ -5,8 +5,6 @@ Test-only knobs, read from the environment:
 
   FT_STEP_DELAY_S   sleep this long before every train step, so that a test can
                     signal a run in the middle rather than after it finished
-  FT_FSDP_MIN_SIZE  lower parallel.FSDP_MIN_SIZE, so that the tiny test model's
-                    arrays are really split over the fsdp axis
 """
 
 import os
@@ -32,6 +30,4 @@ def _with_delay(global_batch, delay_s: float):
 if __name__ == "__main__":
     if os.environ.get("FT_STEP_DELAY_S"):
         parallel.global_batch = _with_delay(parallel.global_batch, float(os.environ["FT_STEP_DELAY_S"]))
-    if os.environ.get("FT_FSDP_MIN_SIZE"):
-        parallel.FSDP_MIN_SIZE = int(os.environ["FT_FSDP_MIN_SIZE"])
     app.run(main.main)

@@ -12,7 +12,7 @@ import default  # noqa: E402
 def tiny_config(num_steps: int = 4) -> ml_collections.ConfigDict:
     config = default.get_config()
     config.model.update(dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                             num_heads=1, dropout=0.1, embedding_type="fourier", fourier_scale=0.02))
+                             dropout=0.1, embedding_type="fourier", fourier_scale=1.0))
     config.training.batch_size = 16
     config.training.num_steps = num_steps
     config.training.ema_rates = (0.9,)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from consistency_jax import experiment, train
+from consistency_jax import checkpointing, experiment, train
 from consistency_jax.evaluation import extractors, generate, metrics, reference_stats
 from tests.helpers import tiny_config
 
@@ -60,6 +60,7 @@ def test_chunked_generation_equals_one_shot_and_does_not_depend_on_devices(tiny,
     # Chunks draw different noise; fewer samples are a prefix of more.
     assert not np.array_equal(in_memory[:8], in_memory[8:16])
     fewer, _ = generate.generate(exp, params, 11, 2, seed=3, batch_size=BATCH)
+    assert generate.make_sampler(exp, 2) is generate.make_sampler(exp, 2)  # compiled once per experiment
     np.testing.assert_array_equal(fewer, in_memory[:11])
     # One device instead of eight: the same images (up to a rare rounding flip of one level).
     exp1 = experiment.create_experiment(tiny_config(), jax.devices()[:1])
@@ -109,10 +110,21 @@ def test_chunks_of_other_settings_or_params_are_discarded(tiny, tmp_path):
     np.testing.assert_array_equal(from_changed, generate.generate(exp, changed, 16, 1, seed=6, batch_size=BATCH)[0])
 
 
+def save_checkpoint(exp, workdir, step):
+    """A checkpoint as training writes it, of a state whose EMA differs from the raw params."""
+    state = exp.create_state()
+    state = state.replace(step=state.step + step, ema_params=jax.tree.map(lambda x: x * 0.9, state.ema_params))
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+    checkpointer.save(step, state, {}, force=True)
+    checkpointer.close()
+    return state
+
+
 def test_eval_mode_writes_the_json_result(tmp_path):
-    config = tiny_config(num_steps=2)
+    config = tiny_config()
     config.eval.num_samples = 16
-    train.train_and_evaluate(config, str(tmp_path))
+    exp = experiment.create_experiment(config)
+    saved = save_checkpoint(exp, str(tmp_path), 2)
     generate.run_eval(config, str(tmp_path))
     result = json.load(open(tmp_path / "eval" / "step_00000002.json"))
     assert result["checkpoint_step"] == 2
@@ -126,9 +138,7 @@ def test_eval_mode_writes_the_json_result(tmp_path):
     # Only the JSON is left: the sample chunks were removed once the metrics were written.
     assert sorted(os.listdir(tmp_path / "eval")) == ["step_00000002.json"]
     # The 1-step row is the metrics of the EMA's 1-step samples with seed + 1, computed here independently.
-    exp = experiment.create_experiment(config)
-    state = generate.restore_state(exp, str(tmp_path), 2)
-    images, _ = generate.generate(exp, state.ema_params[0], 16, 1, config.seed + 1, config.sampling.batch_size)
+    images, _ = generate.generate(exp, saved.ema_params[0], 16, 1, config.seed + 1, config.sampling.batch_size)
     extractor = extractors.create_feature_extractor(config.eval, cache_dir=str(tmp_path / "eval_cache"))
     reference = reference_stats.reference_statistics(extractor, config.data, str(tmp_path / "eval_cache"), "train")
     expected = metrics.compute_metrics(extractor, images, reference)
@@ -157,3 +167,17 @@ def test_best_checkpoint_is_replaced_only_on_improvement(tiny, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), best.params, state.params)
     with pytest.raises(KeyError, match="samples_1step/fid"):
         generate.record_evaluation(exp, state, workdir, 50, {"samples_2step/fid": 1.0})
+
+
+@pytest.mark.slow
+def test_evaluation_during_training_keeps_the_best_checkpoint(tmp_path):
+    config = tiny_config(num_steps=6)
+    config.eval.every_steps = 2
+    config.eval.steps = (1,)
+    config.eval.num_samples = 16
+    train.train_and_evaluate(config, str(tmp_path))
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "best_fid" in line]
+    assert [line["step"] for line in logged] == [2, 4]
+    fids = [line["samples_1step/fid"] for line in logged]
+    assert [line["best_fid"] for line in logged] == [fids[0], min(fids)]
+    assert os.listdir(tmp_path / "best") == [str(2 + 2 * int(np.argmin(fids)))]

@@ -15,7 +15,7 @@ SIGMA_MIN, SIGMA_DATA = 0.002, 0.5
 
 def tiny_fn(c_noise="edm", dropout=0.0):
     model = create_model(ml_collections.ConfigDict(dict(
-        name="unet_small", model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+        name="ncsnpp", model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
         dropout=dropout)))
     return parametrization.ConsistencyFunction(model, SIGMA_MIN, SIGMA_DATA, c_noise)
 

@@ -46,8 +46,11 @@ def test_fsdp_mesh_gives_the_same_steps_as_data_parallel():
     batches = take_batches(config, 2)
     config_fsdp = tiny_config()
     config_fsdp.mesh.data, config_fsdp.mesh.fsdp = 4, 2
+    config_fsdp.mesh.fsdp_min_size = 256  # so that the tiny model's larger arrays really are split
     state_dp, losses_dp = run_steps(config, jax.devices()[:8], 2, batches)
     state_fsdp, losses_fsdp = run_steps(config_fsdp, jax.devices()[:8], 2, batches)
+    split = experiment.create_experiment(config_fsdp, jax.devices()[:8]).state_shardings.params
+    assert sum(not s.is_fully_replicated for s in jax.tree.leaves(split)) > 5
     np.testing.assert_allclose(losses_dp, losses_fsdp, rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  state_dp.params, state_fsdp.params)

@@ -1,6 +1,8 @@
 """Samples and metrics of a train state: --mode=sample, --mode=eval and evaluation during training.
 
-Generation is jitted, sharded over the mesh and deterministic for a seed.
+Generation is jitted, sharded over the mesh and deterministic for a seed; with
+a chunk directory it is resumable (chunks on disk are reused, see ChunkStore).
+Evaluations during training keep the best-FID state in <workdir>/best.
 """
 
 import json
@@ -41,8 +43,15 @@ def select_params(state: TrainState, ema_rates: tuple[float, ...], ema_rate: flo
 
 
 def make_sampler(experiment: Experiment, num_steps: int) -> Callable:
-    """A jitted (params, rng, labels) -> uint8 images sampler whose batch is sharded over the mesh."""
-    sigmas = jnp.asarray(samplers.sampling_sigmas(experiment.config, num_steps), jnp.float32)
+    """A jitted (params, rng, labels) -> uint8 images sampler whose batch is sharded over the mesh.
+
+    Kept on the experiment by its sigmas: training draws sample grids and
+    evaluations many times, and a new jit of the same sampler would compile again.
+    """
+    sigmas_tuple = samplers.sampling_sigmas(experiment.config, num_steps)
+    if sigmas_tuple in experiment.jitted_samplers:
+        return experiment.jitted_samplers[sigmas_tuple]
+    sigmas = jnp.asarray(sigmas_tuple, jnp.float32)
     batch_sharding = parallel.batch_sharding(experiment.mesh)
 
     def sample(params, rng, labels):
@@ -51,7 +60,8 @@ def make_sampler(experiment: Experiment, num_steps: int) -> Callable:
         images = samplers.consistency_sample(experiment.fn, params, rng, shape, sigmas, cond)
         return samplers.to_uint8(jax.lax.with_sharding_constraint(images, batch_sharding))
 
-    return jax.jit(sample, out_shardings=batch_sharding)
+    sampler = experiment.jitted_samplers[sigmas_tuple] = jax.jit(sample, out_shardings=batch_sharding)
+    return sampler
 
 
 def generate(experiment: Experiment, params: Any, num_samples: int, num_steps: int, seed: int,
@@ -83,7 +93,7 @@ def generate(experiment: Experiment, params: Any, num_samples: int, num_steps: i
         }
         store = ChunkStore(chunk_dir, manifest)
     present = store.present(num_chunks) if store else np.zeros(num_chunks, bool)
-    progress = _Progress(f"{num_steps}-step samples", num_chunks, chunk_size, int(present.sum()))
+    progress = _Progress(f"{num_steps}-step samples", num_samples, chunk_size, int(present.sum()))
     images, labels = [], []
     for index in range(num_chunks):
         if present[index]:
@@ -226,12 +236,14 @@ def _write_atomically(path: str, write: Callable, *, binary: bool) -> None:
 class _Progress:
     """Log lines on process 0 with images done, rate and ETA: at most one every PROGRESS_EVERY_S, and the last."""
 
-    def __init__(self, what: str, num_chunks: int, chunk_size: int, already_done: int):
-        self._what, self._num_chunks, self._chunk_size = what, num_chunks, chunk_size
-        self._done = self._resumed = already_done
+    def __init__(self, what: str, num_samples: int, chunk_size: int, chunks_on_disk: int):
+        self._what, self._num_samples, self._chunk_size = what, num_samples, chunk_size
+        self._num_chunks = -(-num_samples // chunk_size)
+        self._done = self._resumed = chunks_on_disk
         self._start = self._last_log = time.time()
-        if already_done and jax.process_index() == 0:
-            logging.info("%s: resuming with %d of %d chunks already on disk.", what, already_done, num_chunks)
+        if chunks_on_disk and jax.process_index() == 0:
+            logging.info("%s: resuming with %d of %d chunks already on disk.", what, chunks_on_disk,
+                         self._num_chunks)
 
     def made_one(self) -> None:
         self._done += 1
@@ -243,15 +255,14 @@ class _Progress:
     def _log(self, now: float) -> None:
         if jax.process_index() != 0:
             return
-        made = (self._done - self._resumed) * self._chunk_size
-        rate = made / max(now - self._start, 1e-9)
+        rate = (self._done - self._resumed) * self._chunk_size / max(now - self._start, 1e-9)
         left = (self._num_chunks - self._done) * self._chunk_size / max(rate, 1e-9)
-        logging.info("%s: chunk %d/%d (%d images), %.1f images/s, ETA %s", self._what, self._done,
-                     self._num_chunks, self._done * self._chunk_size, rate,
-                     time.strftime("%H:%M:%S", time.gmtime(left)))
+        logging.info("%s: chunk %d/%d (%d/%d images), %.1f images/s, ETA %s", self._what, self._done,
+                     self._num_chunks, min(self._done * self._chunk_size, self._num_samples), self._num_samples,
+                     rate, time.strftime("%H:%M:%S", time.gmtime(left)))
 
     def done(self) -> None:
-        if self._done == self._resumed and self._done and jax.process_index() == 0:
+        if self._done == self._resumed and jax.process_index() == 0:
             logging.info("%s: all %d chunks were already on disk.", self._what, self._done)
 
 

@@ -20,16 +20,9 @@ import ml_collections
 
 def _registry() -> dict[str, type[nn.Module]]:
     # Imported here so that importing the package does not build every network.
-    from consistency_jax.models import unet_small
+    from consistency_jax.models import adm, ncsnpp
 
-    models: dict[str, type[nn.Module]] = {"unet_small": unet_small.UNetSmall}
-    try:
-        from consistency_jax.models import adm, ncsnpp
-
-        models.update({"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM})
-    except ImportError:
-        pass
-    return models
+    return {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM}
 
 
 def model_names() -> list[str]:
