@@ -41,16 +41,16 @@ def get_config():
     config.model.fourier_scale = 1.0
 
     config.optimizer.name = "radam"
-    config.optimizer.learning_rate = 1e-3
+    config.optimizer.learning_rate = 2e-3
     config.optimizer.warmup_steps = 0
     config.optimizer.grad_clip_norm = 1.0
 
     config.training.batch_size = 128
-    config.training.num_steps = 3000
-    config.training.ema_rates = (0.999,)
+    config.training.num_steps = 2000
+    config.training.ema_rates = (0.99,)
     config.training.log_every = 100
-    config.training.sample_every = 1000
-    config.training.checkpoint_every = 1000
+    config.training.sample_every = 500
+    config.training.checkpoint_every = 500
 
     config.sampling.num_samples = 256
     config.sampling.num_steps = 1
