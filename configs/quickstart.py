@@ -3,7 +3,11 @@
 Run:
     python -m consistency_jax.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 
-Hardware: any CPU (measured on a 2-core machine, see README for the wall time).
+Hardware: any CPU. On a 2-core machine the command takes about 8 minutes
+(2,000 steps at ~4.8 steps/s after a ~30 s compile, then the evaluation).
+Expected report: Frechet distance (digits features, 297 images) about 3.8 for
+1-step and 4.4 for 2-step samples, against 1.9 for held-out real digits and
+257 for the untrained network.
 Output in the workdir: samples/step_*.png (1-step grids during training),
 metrics.jsonl and TensorBoard logs, checkpoints/, and at the end eval/step_*.json
 with the quality report that is also printed: the Frechet distance, in the
@@ -13,8 +17,10 @@ an untrained network (the ceiling).
 
 Settings: iCT as in SPEC section 2 (lognormal pairs, pseudo-Huber with
 c = 0.00054 * sqrt(64), no EMA teacher), with the curriculum compressed to the
-run length (N doubles from 11 to 1281 over the run) and a learning rate raised
-for a short run.
+run length (N doubles from 11 to 1281 over the run), a learning rate raised
+for a short run, and a short evaluation EMA (0.99): at 1,500 steps (lr 1e-3) an EMA of
+0.999 still averaged in early, poor weights (1-step distance 41 against 5.7
+with 0.99 and 7.2 with the raw weights).
 """
 
 import os

@@ -135,8 +135,9 @@ def test_eval_mode_writes_the_json_result(tmp_path):
     for row in result["results"].values():
         assert row["num_samples"] == 16 and row["fid"] > 0 and row["is"] >= 1
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
-    # Only the JSON is left: the sample chunks were removed once the metrics were written.
-    assert sorted(os.listdir(tmp_path / "eval")) == ["step_00000002.json"]
+    # Only the JSON and the grids are left: the sample chunks were removed once the metrics were written.
+    assert sorted(os.listdir(tmp_path / "eval")) == ["step_00000002.json", "step_00000002_1step.png",
+                                                    "step_00000002_2step.png"]
     # The 1-step row is the metrics of the EMA's 1-step samples with seed + 1, computed here independently.
     images, _ = generate.generate(exp, saved.ema_params[0], 16, 1, config.seed + 1, config.sampling.batch_size)
     extractor = extractors.create_feature_extractor(config.eval, cache_dir=str(tmp_path / "eval_cache"))

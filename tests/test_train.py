@@ -88,6 +88,7 @@ def test_train_and_evaluate_writes_logs_samples_and_report(tmp_path):
     assert [line["step"] for line in lines[:2]] == [2, 4]
     assert all(np.isfinite(line["loss"]) and line["steps_per_sec"] > 0 for line in lines[:2])
     assert (tmp_path / "samples" / "step_00000004.png").exists()
+    assert (tmp_path / "eval" / "step_00000004_2step.png").exists()
     report = json.load(open(tmp_path / "eval" / "step_00000004.json"))
     assert set(report["results"]) == {"samples_1step", "samples_2step", "real_test", "untrained_1step"}
     assert report["sigmas"]["2"] == [80.0, 0.821]

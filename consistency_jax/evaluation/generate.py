@@ -344,6 +344,8 @@ def evaluate_state(experiment: Experiment, state: TrainState, workdir: str, step
     for num_steps in ev.steps:
         images = samples_of(params, num_steps, f"{step:08d}")
         rows[f"samples_{num_steps}step"] = metrics.compute_metrics(extractor, images, reference)
+        if jax.process_index() == 0:
+            save_image_grid(images[:64], os.path.join(eval_dir, f"step_{step:08d}_{num_steps}step.png"))
     if with_baselines:
         heldout = pipeline.heldout_split(config.data)
         if heldout:
