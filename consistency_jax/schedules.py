@@ -28,11 +28,11 @@ def karras_sigmas(num_scales: int, sigma_min: float = 0.002, sigma_max: float = 
 
 def ict_num_scales(step: jax.Array, total_steps: int, s0: int = 10, s1: int = 1280) -> jax.Array:
     """iCT's exponential curriculum N(k) = min(s0 * 2^floor(k / K'), s1) + 1."""
-    doublings = math.floor(math.log2(s1 // s0)) + 1
-    steps_per_stage = max(total_steps // doublings, 1)
+    # K' = floor(K / (log2(floor(s1 / s0)) + 1)), the log not rounded (SPEC section 2).
+    steps_per_stage = max(math.floor(total_steps / (math.log2(s1 // s0) + 1)), 1)
     stage = jnp.asarray(step, jnp.int32) // steps_per_stage
-    # s0 * 2^doublings >= s1 already; clipping there keeps 2^stage from overflowing int32.
-    scales = s0 * jnp.left_shift(1, jnp.minimum(stage, doublings))
+    # s0 * 2^stage passes s1 after ceil(log2(s1 / s0)) doublings; clipping there keeps it from overflowing int32.
+    scales = s0 * jnp.left_shift(1, jnp.minimum(stage, math.ceil(math.log2(s1 / s0))))
     return jnp.minimum(scales, s1) + 1
 
 

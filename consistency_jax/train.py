@@ -35,12 +35,17 @@ from consistency_jax.visualization import save_image_grid
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
                ema_rates: tuple[float, ...]) -> tuple[TrainState, dict]:
-    """One optimizer step. A non-finite loss leaves the state untouched (the host then stops the run)."""
+    """One optimizer step.
+
+    A non-finite loss or gradient leaves params, optimizer state and EMAs at
+    their last good values (only the step counter moves); the host then stops the run.
+    """
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     new_state = state.replace(
         step=state.step + 1,
@@ -48,7 +53,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, optimizer: 
         opt_state=keep_if_finite(opt_state, state.opt_state),
         ema_params=keep_if_finite(update_emas(state.ema_params, params, ema_rates), state.ema_params),
     )
-    return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
 
 
 def jit_train_step(experiment: Experiment) -> Callable:
@@ -91,9 +96,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
-    if not math.isfinite(metrics["loss"]):
+    bad = [name for name in ("loss", "grad_norm") if not math.isfinite(metrics[name])]
+    if bad:
         raise NonFiniteLossError(
-            f"Non-finite loss ({metrics['loss']}) at step {step}. The update of that step was not applied "
+            f"Non-finite {' and '.join(f'{name} ({metrics[name]})' for name in bad)} at step {step}. "
+            f"The update of that step was not applied "
             f"and no checkpoint after step {step - 1} was written; lower the learning rate, enable "
             f"config.optimizer.grad_clip_norm, or check the data.")
 

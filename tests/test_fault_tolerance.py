@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consistency_jax import checkpointing, experiment, parallel
+from consistency_jax import checkpointing, experiment
 from consistency_jax.data import pipeline
 from tests.helpers import tiny_config
 

@@ -37,6 +37,15 @@ def test_ict_curriculum_for_400k_steps():
     assert int(schedules.ict_num_scales(10**9, total)) == 1281  # capped at s1 + 1, no overflow
 
 
+def test_ict_curriculum_with_a_ratio_that_is_not_a_power_of_two():
+    # SPEC: K' = floor(K / (log2(floor(s1/s0)) + 1)); s1/s0 = 100 gives K' = floor(1000 / 7.644) = 130.
+    total, s0, s1 = 1000, 10, 1000
+    stage_len = math.floor(total / (math.log2(s1 // s0) + 1))
+    assert stage_len == 130
+    for k in range(0, total, 7):
+        assert int(schedules.ict_num_scales(k, total, s0, s1)) == min(s0 * 2 ** (k // stage_len), s1) + 1, k
+
+
 def test_ict_curriculum_traced_under_jit():
     steps = jnp.arange(0, 400_000, 25_000)
     got = jax.jit(lambda k: schedules.ict_num_scales(k, 400_000))(steps)

@@ -134,12 +134,31 @@ def test_nonfinite_loss_keeps_the_state_and_names_the_step():
         train._fetch(3, metrics)
 
 
+def test_nonfinite_gradient_with_a_finite_loss_is_caught_too():
+    config = tiny_config()
+    exp = experiment.create_experiment(config, jax.devices()[:1])
+    state = exp.create_state()
+
+    def nan_gradient(params, batch, rng, step):
+        # sqrt at 0: the value is 0, the gradient 0 * inf = nan.
+        return jnp.sqrt(jnp.sum(jax.tree.leaves(params)[0] * 0.0)), {}
+
+    step_fn = jax.jit(lambda s, b: train.train_step(s, b, loss_fn=nan_gradient, optimizer=exp.optimizer,
+                                                    ema_rates=(0.9,)))
+    before = jax.device_get(state)
+    state, metrics = step_fn(state, {"image": jnp.zeros((16, 8, 8, 1))})
+    assert float(metrics["loss"]) == 0.0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), before.params, state.params)
+    with pytest.raises(train.NonFiniteLossError, match=r"Non-finite grad_norm \(nan\) at step 1"):
+        train._fetch(1, metrics)
+
+
 def test_diverging_run_stops_loudly_and_keeps_no_bad_checkpoint(tmp_path):
     config = tiny_config(num_steps=40)
     config.optimizer.learning_rate = 1e30
     config.optimizer.name = "adam"
     config.training.checkpoint_every = 1
-    with pytest.raises(train.NonFiniteLossError, match=r"Non-finite loss \((nan|inf|-inf)\) at step \d+") as error:
+    with pytest.raises(train.NonFiniteLossError, match=r"Non-finite loss \((nan|inf|-inf)\)( and grad_norm \(\S+\))? at step \d+") as error:
         train.train_and_evaluate(config, str(tmp_path))
     bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
     exp = experiment.create_experiment(config, jax.devices()[:1])
