@@ -91,13 +91,17 @@ class Experiment:
         return create_train_state(params, self.optimizer, len(self.config.training.ema_rates), rng)
 
     @functools.cached_property
+    def _state_shapes(self) -> Any:
+        """Shapes and dtypes of the train state, traced once (the network init is not run)."""
+        return jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+
+    @functools.cached_property
     def state_shardings(self) -> Any:
-        abstract = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
-        return parallel.state_shardings(abstract, self.mesh, self.config.mesh.fsdp_min_size)
+        return parallel.state_shardings(self._state_shapes, self.mesh, self.config.mesh.fsdp_min_size)
 
     def abstract_state(self) -> Any:
-        abstract = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
-        return checkpointing.abstract_with_shardings(abstract, self.state_shardings)
+        """The state as ShapeDtypeStructs with this mesh's shardings: the target of a checkpoint restore."""
+        return checkpointing.abstract_with_shardings(self._state_shapes, self.state_shardings)
 
     def create_state(self) -> TrainState:
         rng = jax.random.PRNGKey(self.config.seed)

@@ -332,23 +332,24 @@ def test_remat_leaves_outputs_and_grads_unchanged(cls, kwargs):
         np.testing.assert_allclose(g_remat, g, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls,kwargs", KNOB_CASES, ids=["ncsnpp", "adm"])
-def test_dot_product_attention_leaves_outputs_unchanged(cls, kwargs):
+def outputs_with_and_without(cls, kwargs, **knob):
+    """Forward passes of the same random params without and with a knob set."""
     x, noise = inputs(2, (8, 8, 3))
     labels = jnp.array([1, 10], jnp.int32)
     params = random_params(cls(**kwargs), (8, 8, 3), with_labels=True)
-    out = forward(cls(**kwargs), params, x, noise, labels)
-    out_dpa = forward(cls(**kwargs, attention_impl="dot_product_attention"), params, x, noise, labels)
+    return (forward(cls(**kwargs), params, x, noise, labels),
+            forward(cls(**kwargs, **knob), params, x, noise, labels))
+
+
+@pytest.mark.parametrize("cls,kwargs", KNOB_CASES, ids=["ncsnpp", "adm"])
+def test_dot_product_attention_leaves_outputs_unchanged(cls, kwargs):
+    out, out_dpa = outputs_with_and_without(cls, kwargs, attention_impl="dot_product_attention")
     np.testing.assert_allclose(out_dpa, out, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls,kwargs", KNOB_CASES, ids=["ncsnpp", "adm"])
 def test_bfloat16_compute_stays_close_to_float32(cls, kwargs):
-    x, noise = inputs(2, (8, 8, 3))
-    labels = jnp.array([1, 10], jnp.int32)
-    params = random_params(cls(**kwargs), (8, 8, 3), with_labels=True)
-    out32 = forward(cls(**kwargs), params, x, noise, labels)
-    out16 = forward(cls(**kwargs, dtype="bfloat16"), params, x, noise, labels)
+    out32, out16 = outputs_with_and_without(cls, kwargs, dtype="bfloat16")
     assert out16.dtype == jnp.float32  # cast back to the input dtype
     # bfloat16 keeps 8 mantissa bits (~0.4% per op); a few percent after the whole network.
     assert rel_err(out16, out32) < 0.05

@@ -38,7 +38,14 @@ def test_eight_devices_give_the_same_steps_as_one():
     state8, losses8 = run_steps(config, jax.devices()[:8], 3, batches)
     np.testing.assert_allclose(losses1, losses8, rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), state1.params, state8.params)
-    # The 8-device run really was sharded: params changed and the batch was split.
+    # The comparison is not between two untouched inits: training moved the params.
+    initial = jax.device_get(experiment.create_experiment(config, jax.devices()[:1]).create_state().params)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), initial, state8.params))
+    assert max(moved) > 1e-4
+    # And the 8-device run really split the batch: one 2-image shard per device.
+    mesh8 = experiment.create_experiment(config, jax.devices()[:8]).mesh
+    image = parallel.global_batch(batches[0], mesh8)["image"]
+    assert len(image.addressable_shards) == 8 and image.addressable_shards[0].data.shape[0] == 2
     assert int(state8.step) == 3
 
 
@@ -177,9 +184,13 @@ def test_sample_mode_writes_npz_and_grid(tmp_path):
     images = np.load(path)["images"]
     assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
     assert os.path.exists(path.replace(".npz", ".png"))
-    # EMA params by default; deterministic for the seed.
+    # Deterministic for the seed.
     again = np.load(generate.run_sample(config, str(tmp_path)))["images"]
     np.testing.assert_array_equal(images, again)
+    # EMA params by default: the raw params (ema_rate=0) sample other images from the same noise.
+    config.sampling.ema_rate = 0.0
+    raw = np.load(generate.run_sample(config, str(tmp_path)))["images"]
+    assert np.abs(raw.astype(int) - images.astype(int)).max() > 0
 
 
 def test_class_conditional_training_and_sampling(tmp_path):
