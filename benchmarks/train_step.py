@@ -201,7 +201,7 @@ def _time_sampling(experiment: Experiment, params: Any, sample_batch: int, repea
     if labels is None:  # the sampler takes labels even when unconditional, and ignores them
         local_size = sample_batch // jax.process_count()
         labels = parallel.global_batch({"label": np.zeros((local_size,), np.int32)}, experiment.mesh)["label"]
-    compile_seconds, sample = _compile(generate.make_sampler(experiment, num_steps=1), params, rng, labels)
+    compile_seconds, sample = _compile(generate.make_sampler(experiment, num_steps=1)[1], params, rng, labels)
     _seconds(lambda: sample(params, rng, labels))
     seconds = [_seconds(lambda: sample(params, jax.random.fold_in(rng, i), labels))[0] for i in range(repeats)]
     median = statistics.median(seconds)

@@ -37,6 +37,8 @@ import default  # noqa: E402  (configs are exec'd by path, not imported as a pac
 
 import ml_collections  # noqa: E402
 
+from consistency_jax import methods  # noqa: E402
+
 
 def ncsnpp_model(num_res_blocks: int) -> ml_collections.ConfigDict:
     """NCSN++ of the CM / iCT CIFAR-10 code; every field of consistency_jax.models.ncsnpp.NCSNpp."""
@@ -62,7 +64,7 @@ def ncsnpp_model(num_res_blocks: int) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
 
-    config.method.name = "ict"
+    config.method = methods.method_config("ict")
     config.method.s0 = 10
     config.method.s1 = 1280
     config.method.curriculum_steps = -1  # K = training.num_steps

@@ -7,22 +7,17 @@ the paper configs. Every field here exists in every config, so a misspelt
 
 import ml_collections
 
+from consistency_jax import methods
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    # Method: the loss. Fields shared by the consistency methods live here; a
-    # method reads the ones it needs (see consistency_jax/methods/<name>.py).
-    config.method = method = ml_collections.ConfigDict()
-    method.name = "ict"
-    method.s0 = 10  # iCT curriculum: initial number of discretisation intervals
-    method.s1 = 1280  # iCT curriculum: final number of intervals
-    method.curriculum_steps = -1  # K in N(k); -1: training.num_steps
-    method.p_mean = -1.1  # lognormal index distribution
-    method.p_std = 2.0
-    method.huber_c = -1.0  # pseudo-Huber c; -1: 0.00054 * sqrt(H * W * C)
-    method.mu0 = 0.9  # original CT: EMA-target decay at N = s0
+    # Method: its name and its own fields, with their defaults and comments in
+    # consistency_jax/methods/<name>.py. A config for another method replaces
+    # this with methods.method_config('<name>').
+    config.method = methods.method_config("ict")
 
     # Parametrization: the consistency boundary condition f(x, sigma_min) = x.
     config.parametrization = param = ml_collections.ConfigDict()

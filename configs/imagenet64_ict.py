@@ -33,6 +33,8 @@ import default  # noqa: E402  (configs are exec'd by path, not imported as a pac
 
 import ml_collections  # noqa: E402
 
+from consistency_jax import methods  # noqa: E402
+
 
 def adm_model(config: ml_collections.ConfigDict, num_res_blocks: int) -> ml_collections.ConfigDict:
     """ADM for ImageNet 64; every field of consistency_jax.models.adm.ADM."""
@@ -58,7 +60,7 @@ def adm_model(config: ml_collections.ConfigDict, num_res_blocks: int) -> ml_coll
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
 
-    config.method.name = "ict"
+    config.method = methods.method_config("ict")
     config.method.s0 = 10
     config.method.s1 = 1280
     config.method.curriculum_steps = -1  # K = training.num_steps

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from consistency_jax import checkpointing, methods, parallel, samplers
+from consistency_jax import checkpointing, methods, parallel, teachers
 from consistency_jax.data import pipeline
+from consistency_jax.methods.base import Method
 from consistency_jax.models import create_model
-from consistency_jax.parametrization import C_NOISE_KINDS, ConsistencyFunction
+from consistency_jax.parametrization import C_NOISE_KINDS, NetworkFunction
 from consistency_jax.state import TrainState, create_train_state
 
 OPTIMIZERS = ("adam", "radam", "adamw")
@@ -45,7 +46,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
-    methods.get_method(config.method.name)
+    methods.check_method_config(config)
     create_model(config.model)
     pipeline.check_dataset(config.data)
     model_classes = config.model.get("num_classes", 0)
@@ -64,8 +65,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     _require(train.num_steps > 0, f"config.training.num_steps must be positive, got {train.num_steps}.")
     _require(all(0 <= r < 1 for r in train.ema_rates),
              f"config.training.ema_rates must lie in [0, 1), got {tuple(train.ema_rates)}.")
+    sampler_method = methods.get_method(config.method.name)
     for steps in {config.sampling.num_steps, *config.eval.steps}:
-        samplers.sampling_sigmas(config, steps)
+        sampler_method.check_sampler(config, steps)
 
 
 # ----------------------------------------------------------------------------
@@ -78,22 +80,36 @@ class Experiment:
     """What the loop, the samplers and the evaluator need, built from a config."""
 
     config: ml_collections.ConfigDict
-    fn: ConsistencyFunction
+    fn: NetworkFunction
+    method: Method
     image_shape: tuple[int, int, int]
     num_classes: int
     mesh: jax.sharding.Mesh
     optimizer: optax.GradientTransformation
-    # Compiled samplers by their sigmas (see evaluation/generate.make_sampler).
+    # The teacher's config (from its workdir or this run's snapshot), when the method uses one.
+    teacher_config: ml_collections.ConfigDict | None = None
+    # Compiled samplers by their keys (see evaluation/generate.make_sampler).
     jitted_samplers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
-    def init_state(self, rng: jax.Array) -> TrainState:
-        params = self.fn.init(rng, self.image_shape, self.num_classes > 0)
-        return create_train_state(params, self.optimizer, len(self.config.training.ema_rates), rng)
+    def init_params(self, rng: jax.Array) -> Any:
+        """Freshly initialised network params (the untrained baseline of the evaluation)."""
+        return self.fn.init(rng, self.image_shape, self.num_classes > 0)
+
+    def init_state(self, rng: jax.Array, teacher_params: Any | None) -> TrainState:
+        params = self.method.init_params(self.init_params(rng), teacher_params)
+        method_state = self.method.init_state(params, teacher_params)
+        return create_train_state(params, self.optimizer, len(self.config.training.ema_rates), rng, method_state)
+
+    @functools.cached_property
+    def teacher_shapes(self) -> Any | None:
+        if self.teacher_config is None:
+            return None
+        return teachers.param_shapes(self.method.teacher_fn, self.image_shape, self.num_classes)
 
     @functools.cached_property
     def _state_shapes(self) -> Any:
         """Shapes and dtypes of the train state, traced once (the network init is not run)."""
-        return jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+        return jax.eval_shape(self.init_state, jax.random.PRNGKey(0), self.teacher_shapes)
 
     @functools.cached_property
     def state_shardings(self) -> Any:
@@ -104,8 +120,12 @@ class Experiment:
         return checkpointing.abstract_with_shardings(self._state_shapes, self.state_shardings)
 
     def create_state(self) -> TrainState:
+        """The step-0 state; reads the teacher's params when the method uses a teacher."""
+        teacher_params = None
+        if self.teacher_config is not None:
+            teacher_params = teachers.load_params(self.config, self.teacher_config, self.teacher_shapes, self.mesh)
         rng = jax.random.PRNGKey(self.config.seed)
-        return jax.jit(self.init_state, out_shardings=self.state_shardings)(rng)
+        return jax.jit(self.init_state, out_shardings=self.state_shardings)(rng, teacher_params)
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -135,13 +155,22 @@ def create_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
     return core
 
 
-def create_experiment(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
+def create_experiment(config: ml_collections.ConfigDict, devices: list | None = None,
+                      workdir: str | None = None) -> Experiment:
+    """The experiment of `config`; `workdir` (if given) supplies the teacher-config snapshot of a resumed run."""
     info = pipeline.dataset_info(config.data)
-    param = config.parametrization
-    fn = ConsistencyFunction(create_model(config.model), sigma_min=param.sigma_min,
-                             sigma_data=param.sigma_data, c_noise_kind=param.c_noise)
+    image_shape, num_classes = tuple(info.image_shape), info.num_classes
+    method_cls = methods.get_method(config.method.name)
+    fn = method_cls.make_function(config, create_model(config.model))
+    teacher_config = teacher_fn = None
+    if teachers.wants_teacher(config):
+        teacher_config = teachers.teacher_config(config, workdir)
+        teachers.check_compatible(teacher_config, image_shape, num_classes)
+        teacher_fn = teachers.teacher_function(teacher_config)
     mesh = parallel.create_mesh(config.mesh, devices)
     parallel.check_batch_size(config.training.batch_size, mesh)
-    return Experiment(config=config, fn=fn, image_shape=tuple(info.image_shape),
-                      num_classes=info.num_classes, mesh=mesh,
-                      optimizer=create_optimizer(config.optimizer, config.training.num_steps))
+    return Experiment(config=config, fn=fn,
+                      method=method_cls(config, fn, image_shape, num_classes, teacher_fn=teacher_fn),
+                      image_shape=image_shape, num_classes=num_classes, mesh=mesh,
+                      optimizer=create_optimizer(config.optimizer, config.training.num_steps),
+                      teacher_config=teacher_config)

@@ -6,7 +6,7 @@ only the module and numbers; params are always an argument.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,21 @@ def consistency_scalings(sigma: jax.Array, sigma_min: float,
     c_out = shifted * sigma_data / jnp.sqrt(sigma**2 + sigma_data**2)
     c_in = 1 / jnp.sqrt(sigma**2 + sigma_data**2)
     return c_skip, c_out, c_in
+
+
+class NetworkFunction(Protocol):
+    """A network wrapped in a parametrization: what methods and samplers call.
+
+    It holds only the module and numbers; params are always an argument.
+    """
+
+    sigma_min: float
+    sigma_data: float
+
+    def __call__(self, params: Any, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None,
+                 *, train: bool = False, dropout_rng: jax.Array | None = None) -> jax.Array: ...
+
+    def init(self, rng: jax.Array, image_shape: tuple[int, ...], with_labels: bool) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,20 +1,40 @@
-"""Samplers for consistency models.
+"""Samplers: what a method draws images with, for grids, --mode=sample and --mode=eval.
+
+A method returns a `Sampler` for a step count (methods/base.py); the
+evaluation code jits its `sample` function once per `key` and reports its
+sigmas and number of network evaluations.
 
 Multistep consistency sampling (CM paper, Algorithm 1): start at sigma_0 =
 sigma_max, jump to the data with f, re-noise to the next sigma, and repeat.
 One step is the special case of a single sigma.
 """
 
-from typing import Any, Sequence
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from consistency_jax.parametrization import ConsistencyFunction
+from consistency_jax.parametrization import NetworkFunction
+
+# (params, rng, shape, labels or None) -> images in [-1, 1]
+SampleFn = Callable[[Any, jax.Array, tuple[int, ...], jax.Array | None], jax.Array]
 
 
-def consistency_sample(fn: ConsistencyFunction, params: Any, rng: jax.Array, shape: tuple[int, ...],
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A sampling procedure for one step count."""
+
+    key: tuple  # identifies the computation: samplers with equal keys share one compiled function
+    sample: SampleFn = dataclasses.field(compare=False)
+    sigmas: tuple[float, ...]  # the noise levels it visits, for the report
+    network_evaluations: int
+
+
+def consistency_sample(fn: NetworkFunction, params: Any, rng: jax.Array, shape: tuple[int, ...],
                        sigmas: jax.Array, labels: jax.Array | None = None) -> jax.Array:
     """x_0 from sigmas[0] * z, then x <- f(x + sqrt(s^2 - s_min^2) z, s) for the later sigmas.
 
@@ -49,6 +69,74 @@ def sampling_sigmas(config: ml_collections.ConfigDict, num_steps: int) -> tuple[
         raise ValueError(f"A {num_steps}-step sampler needs {num_steps - 1} intermediate sigmas in "
                          f"config.sampling.sigmas, got {mids}.")
     return (sigma_max, *mids)
+
+
+def consistency_sampler(fn: NetworkFunction, config: ml_collections.ConfigDict, num_steps: int) -> Sampler:
+    """The multistep consistency sampler through `sampling_sigmas(config, num_steps)`."""
+    sigmas = sampling_sigmas(config, num_steps)
+
+    def sample(params, rng, shape, labels):
+        return consistency_sample(fn, params, rng, shape, jnp.asarray(sigmas, jnp.float32), labels)
+
+    return Sampler(key=("consistency", sigmas), sample=sample, sigmas=sigmas, network_evaluations=len(sigmas))
+
+
+def edm_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> tuple[float, ...]:
+    """EDM's sampling noise levels: the num_steps-point Karras grid from sigma_max down, then 0."""
+    ramp = np.linspace(0.0, 1.0, num_steps) if num_steps > 1 else np.zeros(1)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (*(float(s) for s in (hi + ramp * (lo - hi)) ** rho), 0.0)
+
+
+def heun_step(denoise: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, sigma: jax.Array,
+              sigma_next: jax.Array, second_order: bool = True) -> jax.Array:
+    """One step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigma to sigma_next.
+
+    Heun's 2nd-order method (EDM Algorithm 1), or an Euler step without
+    `second_order` (EDM's last step, to sigma_next = 0). `sigma` and
+    `sigma_next` are per-example [B] or scalars; sigma_next > 0 for Heun.
+    """
+    b = lambda v: jnp.reshape(v, (-1,) + (1,) * (x.ndim - 1))  # noqa: E731 -- broadcast over the image
+    d = (x - denoise(x, sigma)) / b(sigma)
+    x_next = x + b(sigma_next - sigma) * d
+    if not second_order:
+        return x_next
+    d_next = (x_next - denoise(x_next, sigma_next)) / b(sigma_next)
+    return x + b(sigma_next - sigma) * (d + d_next) / 2
+
+
+def heun_sample(denoiser: NetworkFunction, params: Any, rng: jax.Array, shape: tuple[int, ...],
+                sigmas: Sequence[float], labels: jax.Array | None = None, *, s_churn: float = 0.0,
+                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> jax.Array:
+    """EDM's sampler (Algorithm 2): Heun steps through `sigmas` (descending, ending at 0).
+
+    With s_churn = 0 it is the deterministic sampler (2N - 1 network
+    evaluations for N noise levels); s_churn > 0 first raises each level in
+    [s_tmin, s_tmax] by gamma = min(s_churn / N, sqrt(2) - 1), adding noise.
+    """
+    num_levels = len(sigmas) - 1
+    gammas = [min(s_churn / num_levels, math.sqrt(2) - 1) if s_tmin <= sig <= s_tmax else 0.0
+              for sig in sigmas[:-1]]
+    init_rng, churn_rng = jax.random.split(rng)
+    denoise = lambda x, sigma: denoiser(params, x, sigma, labels)  # noqa: E731
+
+    def churn(x, sigma, gamma, key):
+        sigma_hat = sigma * (1 + gamma)
+        noise = jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * jax.random.normal(key, shape)
+        return x + noise, sigma_hat
+
+    def step(x, inputs):
+        sigma, sigma_next, gamma, key = inputs
+        x, sigma_hat = churn(x, sigma, gamma, key)
+        return heun_step(denoise, x, sigma_hat, sigma_next), None
+
+    keys = jax.random.split(churn_rng, num_levels)
+    levels = jnp.asarray(sigmas, jnp.float32)
+    x = sigmas[0] * jax.random.normal(init_rng, shape)
+    # Every step but the last is a Heun step (one compiled body); the last, to sigma = 0, is Euler.
+    x, _ = jax.lax.scan(step, x, (levels[:-2], levels[1:-1], jnp.asarray(gammas[:-1], jnp.float32), keys[:-1]))
+    x, sigma_hat = churn(x, levels[-2], gammas[-1], keys[-1])
+    return heun_step(denoise, x, sigma_hat, levels[-1], second_order=False)
 
 
 def to_uint8(images: jax.Array | Sequence) -> jax.Array:

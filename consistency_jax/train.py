@@ -20,10 +20,11 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from consistency_jax import checkpointing, methods, parallel
+from consistency_jax import checkpointing, parallel, teachers
 from consistency_jax.data import pipeline
 from consistency_jax.evaluation import generate
 from consistency_jax.experiment import Experiment, create_experiment, validate_config
+from consistency_jax.methods.base import Method
 from consistency_jax.state import TrainState, update_emas
 from consistency_jax.visualization import save_image_grid
 
@@ -33,34 +34,25 @@ from consistency_jax.visualization import save_image_grid
 # ----------------------------------------------------------------------------
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, optimizer: optax.GradientTransformation,
+def train_step(state: TrainState, batch: dict, *, method: Method, optimizer: optax.GradientTransformation,
                ema_rates: tuple[float, ...]) -> tuple[TrainState, dict]:
-    """One optimizer step.
+    """One training step of the method, then the evaluation EMAs.
 
-    A non-finite loss or gradient leaves params, optimizer state and EMAs at
-    their last good values (only the step counter moves); the host then stops the run.
+    A non-finite loss or gradient norm leaves the whole state (params,
+    optimizer and method state, EMAs) at its last good values; only the step
+    counter moves, and the host then stops the run.
     """
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, state.step)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_finite(params, state.params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
-        ema_params=keep_if_finite(update_emas(state.ema_params, params, ema_rates), state.ema_params),
-    )
-    return new_state, {**metrics, "loss": loss, "grad_norm": grad_norm}
+    updated, metrics = method.update(state, batch, rng, optimizer)
+    updated = updated.replace(ema_params=update_emas(state.ema_params, updated.params, ema_rates))
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    return new_state.replace(step=state.step + 1), metrics
 
 
 def jit_train_step(experiment: Experiment) -> Callable:
-    config = experiment.config
-    step = functools.partial(train_step,
-                             loss_fn=methods.create_loss(config, experiment.fn, experiment.image_shape),
-                             optimizer=experiment.optimizer, ema_rates=tuple(config.training.ema_rates))
+    step = functools.partial(train_step, method=experiment.method, optimizer=experiment.optimizer,
+                             ema_rates=tuple(experiment.config.training.ema_rates))
     return jax.jit(step,
                    in_shardings=(experiment.state_shardings, parallel.batch_sharding(experiment.mesh)),
                    out_shardings=(experiment.state_shardings, parallel.replicated(experiment.mesh)),
@@ -139,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains (resuming from the workdir's latest checkpoint if any) and evaluates at the end."""
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
-    experiment = create_experiment(config)
+    experiment = create_experiment(config, workdir=workdir)
     train = config.training
     log = MetricsLog(workdir)
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -152,6 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("Resumed from the checkpoint at step %d in %s.", step, workdir)
     else:
         state = experiment.create_state()
+    if experiment.teacher_config is not None:
+        teachers.save_snapshot(experiment.teacher_config, workdir)
     step = int(state.step)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -31,7 +31,7 @@ def count_sampler_calls(monkeypatch, interrupt_after: int | None = None) -> list
     calls = []
 
     def make_counting_sampler(exp, num_steps):
-        sampler = REAL_MAKE_SAMPLER(exp, num_steps)
+        spec, sampler = REAL_MAKE_SAMPLER(exp, num_steps)
 
         def counted(*args):
             if interrupt_after is not None and len(calls) == interrupt_after:
@@ -39,7 +39,7 @@ def count_sampler_calls(monkeypatch, interrupt_after: int | None = None) -> list
             calls.append(args)
             return sampler(*args)
 
-        return counted
+        return spec, counted
 
     monkeypatch.setattr(generate, "make_sampler", make_counting_sampler)
     return calls
@@ -60,7 +60,7 @@ def test_chunked_generation_equals_one_shot_and_does_not_depend_on_devices(tiny,
     # Chunks draw different noise; fewer samples are a prefix of more.
     assert not np.array_equal(in_memory[:8], in_memory[8:16])
     fewer, _ = generate.generate(exp, params, 11, 2, seed=3, batch_size=BATCH)
-    assert generate.make_sampler(exp, 2) is generate.make_sampler(exp, 2)  # compiled once per experiment
+    assert generate.make_sampler(exp, 2)[1] is generate.make_sampler(exp, 2)[1]  # compiled once per experiment
     np.testing.assert_array_equal(fewer, in_memory[:11])
     # One device instead of eight: the same images (up to a rare rounding flip of one level).
     exp1 = experiment.create_experiment(tiny_config(), jax.devices()[:1])

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from consistency_jax import methods
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,7 +19,7 @@ def run_main(*args, timeout=120):
 
 @pytest.mark.parametrize("override,expected", [
     ("--config.model.name=resnet", "Unknown model name 'resnet'; valid names: adm, ncsnpp"),
-    ("--config.method.name=gan", "Unknown method name 'gan'; valid names: ict"),
+    ("--config.method.name=gan", f"Unknown method name 'gan'; valid names: {', '.join(methods.method_names())}"),
     ("--config.data.name=mnist", "Unknown data.name 'mnist'; valid names: cifar10, imagenet_resized/64x64"),
     ("--config.optimizer.name=sgd", "Unknown config.optimizer.name 'sgd'; valid: adam, radam, adamw"),
     ("--config.parametrization.c_noise=log", "valid: edm, cm, raw"),

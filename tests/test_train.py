@@ -1,5 +1,6 @@
 """The training loop end to end on tiny models: learning, sharding, resume, NaN stop, sampling."""
 
+import copy
 import json
 import os
 import re
@@ -24,6 +25,13 @@ def run_steps(config, devices, num_steps, batches):
         state, metrics = step_fn(state, parallel.global_batch(batch, exp.mesh))
         losses.append(float(metrics["loss"]))
     return jax.device_get(state), losses
+
+
+def with_loss(exp, loss):
+    """The experiment's method with its loss replaced (the default update calls self.loss)."""
+    method = copy.copy(exp.method)
+    method.loss = loss
+    return method
 
 
 def take_batches(config, n):
@@ -70,10 +78,9 @@ def test_loss_goes_down_on_tiny_data():
     config.method.curriculum_steps = 10**6  # N stays at 11
     config.optimizer.name, config.optimizer.learning_rate = "adam", 1e-2
     exp = experiment.create_experiment(config, jax.devices()[:1])
-    ict_loss = train.methods.create_loss(config, exp.fn, exp.image_shape)
-    fixed_draws = lambda params, batch, rng, step: ict_loss(params, batch, jax.random.PRNGKey(7), 0)
-    step_fn = jax.jit(lambda s, b: train.train_step(s, b, loss_fn=fixed_draws, optimizer=exp.optimizer,
-                                                    ema_rates=(0.9,)))
+    method = with_loss(exp, lambda params, method_state, batch, rng, step: exp.method.loss(
+        params, method_state, batch, jax.random.PRNGKey(7), 0))
+    step_fn = jax.jit(lambda s, b: train.train_step(s, b, method=method, optimizer=exp.optimizer, ema_rates=(0.9,)))
     batch = {"image": jnp.asarray(take_batches(config, 1)[0]["image"])}
     state = exp.create_state()
     losses = []
@@ -125,11 +132,11 @@ def test_nonfinite_loss_keeps_the_state_and_names_the_step():
     exp = experiment.create_experiment(config, jax.devices()[:1])
     state = exp.create_state()
 
-    def nan_after_two_steps(params, batch, rng, step):
+    def nan_after_two_steps(params, method_state, batch, rng, step):
         loss = jnp.mean(jax.tree.leaves(params)[0]) * 0 + jnp.where(step >= 2, jnp.nan, 1.0)
         return loss, {}
 
-    step_fn = jax.jit(lambda s, b: train.train_step(s, b, loss_fn=nan_after_two_steps,
+    step_fn = jax.jit(lambda s, b: train.train_step(s, b, method=with_loss(exp, nan_after_two_steps),
                                                     optimizer=exp.optimizer, ema_rates=(0.9,)))
     batch = {"image": jnp.zeros((16, 8, 8, 1))}
     state, _ = step_fn(state, batch)
@@ -146,12 +153,12 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught_too():
     exp = experiment.create_experiment(config, jax.devices()[:1])
     state = exp.create_state()
 
-    def nan_gradient(params, batch, rng, step):
+    def nan_gradient(params, method_state, batch, rng, step):
         # sqrt at 0: the value is 0, the gradient 0 * inf = nan.
         return jnp.sqrt(jnp.sum(jax.tree.leaves(params)[0] * 0.0)), {}
 
-    step_fn = jax.jit(lambda s, b: train.train_step(s, b, loss_fn=nan_gradient, optimizer=exp.optimizer,
-                                                    ema_rates=(0.9,)))
+    step_fn = jax.jit(lambda s, b: train.train_step(s, b, method=with_loss(exp, nan_gradient),
+                                                    optimizer=exp.optimizer, ema_rates=(0.9,)))
     before = jax.device_get(state)
     state, metrics = step_fn(state, {"image": jnp.zeros((16, 8, 8, 1))})
     assert float(metrics["loss"]) == 0.0

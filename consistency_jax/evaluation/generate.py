@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,15 @@ from consistency_jax.visualization import save_image_grid
 PROGRESS_EVERY_S = 30.0
 
 
-def select_params(state: TrainState, ema_rates: tuple[float, ...], ema_rate: float) -> Any:
+class Weights(NamedTuple):
+    """The arrays sampling needs from a checkpoint (a TrainState has the same fields)."""
+
+    step: jax.Array
+    params: Any
+    ema_params: tuple[Any, ...]
+
+
+def select_params(state: TrainState | Weights, ema_rates: tuple[float, ...], ema_rate: float) -> Any:
     """ema_rate < 0: the first EMA (raw params if none); 0: raw params; else that EMA."""
     if ema_rate == 0 or (ema_rate < 0 and not ema_rates):
         return state.params
@@ -42,26 +50,25 @@ def select_params(state: TrainState, ema_rates: tuple[float, ...], ema_rate: flo
     return state.ema_params[list(ema_rates).index(ema_rate)]
 
 
-def make_sampler(experiment: Experiment, num_steps: int) -> Callable:
-    """A jitted (params, rng, labels) -> uint8 images sampler whose batch is sharded over the mesh.
+def make_sampler(experiment: Experiment, num_steps: int) -> tuple[samplers.Sampler, Callable]:
+    """The method's `num_steps` sampler and its jitted (params, rng, labels) -> uint8 images form.
 
-    Kept on the experiment by its sigmas: training draws sample grids and
-    evaluations many times, and a new jit of the same sampler would compile again.
+    The batch is sharded over the mesh. Compiled samplers are kept on the
+    experiment by key: training draws sample grids and evaluations many times,
+    and a new jit of the same sampler would compile again.
     """
-    sigmas_tuple = samplers.sampling_sigmas(experiment.config, num_steps)
-    if sigmas_tuple in experiment.jitted_samplers:
-        return experiment.jitted_samplers[sigmas_tuple]
-    sigmas = jnp.asarray(sigmas_tuple, jnp.float32)
-    batch_sharding = parallel.batch_sharding(experiment.mesh)
+    spec = experiment.method.sampler(num_steps)
+    if spec.key not in experiment.jitted_samplers:
+        batch_sharding = parallel.batch_sharding(experiment.mesh)
 
-    def sample(params, rng, labels):
-        shape = (labels.shape[0], *experiment.image_shape)
-        cond = labels if experiment.num_classes > 0 else None
-        images = samplers.consistency_sample(experiment.fn, params, rng, shape, sigmas, cond)
-        return samplers.to_uint8(jax.lax.with_sharding_constraint(images, batch_sharding))
+        def sample(params, rng, labels):
+            shape = (labels.shape[0], *experiment.image_shape)
+            cond = labels if experiment.num_classes > 0 else None
+            images = spec.sample(params, rng, shape, cond)
+            return samplers.to_uint8(jax.lax.with_sharding_constraint(images, batch_sharding))
 
-    sampler = experiment.jitted_samplers[sigmas_tuple] = jax.jit(sample, out_shardings=batch_sharding)
-    return sampler
+        experiment.jitted_samplers[spec.key] = jax.jit(sample, out_shardings=batch_sharding)
+    return spec, experiment.jitted_samplers[spec.key]
 
 
 def generate(experiment: Experiment, params: Any, num_samples: int, num_steps: int, seed: int,
@@ -79,7 +86,7 @@ def generate(experiment: Experiment, params: Any, num_samples: int, num_steps: i
         raise ValueError(f"generate needs num_samples > 0, got {num_samples}.")
     chunk_size = max(experiment.mesh.size, batch_size - batch_size % experiment.mesh.size)
     num_chunks = -(-num_samples // chunk_size)
-    sampler = make_sampler(experiment, num_steps)
+    spec, sampler = make_sampler(experiment, num_steps)
     store = None
     if chunk_dir is not None:
         manifest = {
@@ -87,7 +94,7 @@ def generate(experiment: Experiment, params: Any, num_samples: int, num_steps: i
             "image_shape": list(experiment.image_shape),
             "num_classes": experiment.num_classes,
             "num_steps": num_steps,
-            "sigmas": list(samplers.sampling_sigmas(experiment.config, num_steps)),
+            "sampler": repr(spec.key),
             "seed": seed,
             "params_fingerprint": params_fingerprint(params),
         }
@@ -271,7 +278,8 @@ class _Progress:
 # ----------------------------------------------------------------------------
 
 
-def restore_state(experiment: Experiment, workdir: str, step: int | None) -> TrainState:
+def restore_weights(experiment: Experiment, workdir: str, step: int | None) -> Weights:
+    """The step, params and EMAs of a checkpoint (the latest by default), without optimizer or method state."""
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
     try:
         if checkpointer.latest_step() is None:
@@ -279,10 +287,12 @@ def restore_state(experiment: Experiment, workdir: str, step: int | None) -> Tra
         if step is not None and step not in checkpointer.all_steps():
             raise ValueError(f"No checkpoint at step {step} in {workdir}/checkpoints; "
                              f"available steps: {checkpointer.all_steps()}.")
-        _, state, _ = checkpointer.restore(experiment.abstract_state(), step)
+        abstract = experiment.abstract_state()
+        _, fields = checkpointer.restore_fields(
+            {"step": abstract.step, "params": abstract.params, "ema_params": abstract.ema_params}, step)
     finally:
         checkpointer.close()
-    return state
+    return Weights(**fields)
 
 
 def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> str:
@@ -292,8 +302,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None
     interrupted run picks up where it stopped; the chunks go once the .npz is written.
     """
     validate_config(config)
-    experiment = create_experiment(config)
-    state = restore_state(experiment, workdir, step)
+    experiment = create_experiment(config, workdir=workdir)
+    state = restore_weights(experiment, workdir, step)
     sampling = config.sampling
     params = select_params(state, tuple(config.training.ema_rates), sampling.ema_rate)
     name = f"samples_step{int(state.step)}_{sampling.num_steps}steps"
@@ -315,7 +325,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None
 # ----------------------------------------------------------------------------
 
 
-def evaluate_state(experiment: Experiment, state: TrainState, workdir: str, step: int,
+def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir: str, step: int,
                    with_baselines: bool = False) -> dict[str, float]:
     """Metrics of samples at each of config.eval.steps against the training-set statistics.
 
@@ -351,7 +361,8 @@ def evaluate_state(experiment: Experiment, state: TrainState, workdir: str, step
         if heldout:
             real, _ = pipeline.load_eval_images(config.data, heldout, ev.num_samples)
             rows[f"real_{heldout}"] = metrics.compute_metrics(extractor, real, reference)
-        untrained = experiment.create_state().params  # the step-0 state, sharded like the trained one
+        untrained = jax.jit(experiment.init_params, out_shardings=experiment.state_shardings.params)(
+            jax.random.PRNGKey(config.seed))
         images = samples_of(untrained, 1, "untrained")
         rows["untrained_1step"] = metrics.compute_metrics(extractor, images, reference)
     result = {
@@ -360,7 +371,8 @@ def evaluate_state(experiment: Experiment, state: TrainState, workdir: str, step
         "num_samples": ev.num_samples,
         "steps": list(ev.steps),
         "ema_rate": _ema_rate_used(config.training.ema_rates, ema_rate),
-        "sigmas": {n: list(samplers.sampling_sigmas(config, n)) for n in ev.steps},
+        "sigmas": {n: list(experiment.method.sampler(n).sigmas) for n in ev.steps},
+        "network_evaluations": {n: experiment.method.sampler(n).network_evaluations for n in ev.steps},
         "results": rows,
     }
     if jax.process_index() == 0:
@@ -451,6 +463,6 @@ def format_report(result: dict) -> str:
 def run_eval(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
     """--mode=eval: metrics of a checkpoint, written to <workdir>/eval/step_<step>.json."""
     validate_config(config)
-    experiment = create_experiment(config)
-    state = restore_state(experiment, workdir, step)
+    experiment = create_experiment(config, workdir=workdir)
+    state = restore_weights(experiment, workdir, step)
     return evaluate_state(experiment, state, workdir, int(state.step))

@@ -12,20 +12,11 @@ import ml_collections
 
 from consistency_jax import schedules
 from consistency_jax.methods import distances
-from consistency_jax.parametrization import ConsistencyFunction
+from consistency_jax.methods.base import Method
+from consistency_jax.parametrization import NetworkFunction
 
 
-def curriculum_steps(config: ml_collections.ConfigDict) -> int:
-    k = config.method.curriculum_steps
-    return config.training.num_steps if k < 0 else k
-
-
-def huber_c(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> float:
-    c = config.method.huber_c
-    return distances.default_huber_c(image_shape) if c < 0 else c
-
-
-def ict_loss(params, batch: dict, rng: jax.Array, step: jax.Array, *, fn: ConsistencyFunction,
+def ict_loss(params, batch: dict, rng: jax.Array, step: jax.Array, *, fn: NetworkFunction,
              total_steps: int, s0: int, s1: int, p_mean: float, p_std: float, huber_c: float,
              rho: float, sigma_max: float) -> tuple[jax.Array, dict]:
     """Mean over the batch of lambda(sigma_i) d(f(x + s_{i+1} z, s_{i+1}), sg f(x + s_i z, s_i))."""
@@ -46,13 +37,34 @@ def ict_loss(params, batch: dict, rng: jax.Array, step: jax.Array, *, fn: Consis
     return loss, {"num_scales": num_scales, "distance": jnp.mean(distance)}
 
 
-def make_loss(config: ml_collections.ConfigDict, fn: ConsistencyFunction, image_shape: tuple[int, int, int]):
-    method, param = config.method, config.parametrization
+class ICT(Method):
+    name = "ict"
 
-    def loss(params, batch, rng, step):
-        return ict_loss(params, batch, rng, step, fn=fn, total_steps=curriculum_steps(config),
-                        s0=method.s0, s1=method.s1, p_mean=method.p_mean, p_std=method.p_std,
-                        huber_c=huber_c(config, image_shape), rho=param.rho,
+    @classmethod
+    def default_config(cls) -> ml_collections.ConfigDict:
+        fields = super().default_config()
+        fields.s0 = 10  # curriculum: initial number of discretisation intervals
+        fields.s1 = 1280  # curriculum: final number of intervals
+        fields.curriculum_steps = -1  # K in N(k); -1: training.num_steps
+        fields.p_mean = -1.1  # lognormal index distribution: mean of ln(sigma)
+        fields.p_std = 2.0  # ... and its standard deviation
+        fields.huber_c = -1.0  # pseudo-Huber c; -1: 0.00054 * sqrt(H * W * C)
+        return fields
+
+    def loss(self, params, method_state, batch, rng, step):
+        fields, param = self.fields, self.config.parametrization
+        return ict_loss(params, batch, rng, step, fn=self.fn,
+                        total_steps=curriculum_steps(self.config), s0=fields.s0, s1=fields.s1,
+                        p_mean=fields.p_mean, p_std=fields.p_std,
+                        huber_c=huber_c(self.config, self.image_shape), rho=param.rho,
                         sigma_max=param.sigma_max)
 
-    return loss
+
+def curriculum_steps(config: ml_collections.ConfigDict) -> int:
+    k = config.method.curriculum_steps
+    return config.training.num_steps if k < 0 else k
+
+
+def huber_c(config: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> float:
+    c = config.method.huber_c
+    return distances.default_huber_c(image_shape) if c < 0 else c
