@@ -18,6 +18,9 @@ softmax/biases), so IS values are comparable with published ones.
 
 Submodule names follow torchvision's Inception3, so the pytorch-fid state dict
 maps one to one; `inception_weights` also maps the TF graph's node names.
+tests/test_inception_parity.py checks the network, loaded through both
+loaders, against pytorch-fid's FID Inception and against a GraphDef of the
+graph's ops run by TensorFlow, on the same seeded weights.
 """
 
 import flax.linen as nn
