@@ -147,12 +147,6 @@ def addim(x_hat: jax.Array, z_t: jax.Array, t: Level, s: Level, x_var: jax.Array
     return a_s * x_hat + jnp.sqrt(jnp.square(std_s) + inflation) * eps_hat
 
 
-def _image(v: jax.Array, like: jax.Array) -> jax.Array:
-    """A per-example [B] value (or a scalar) broadcast against [B, ...] images."""
-    v = jnp.asarray(v)
-    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)) if v.ndim else v
-
-
 def ddim_sample(denoiser, params, rng: jax.Array, shape: tuple[int, ...], sigmas, labels: jax.Array | None = None
                 ) -> jax.Array:
     """Deterministic DDIM through the noise levels `sigmas` (descending), from z ~ N(0, I) at sigmas[0].
@@ -172,3 +166,9 @@ def ddim_sample(denoiser, params, rng: jax.Array, shape: tuple[int, ...], sigmas
 
     z, _ = jax.lax.scan(step, jax.random.normal(rng, shape), (sigmas[:-1], sigmas[1:]))
     return to_sigma_space(z, Level.of_sigma(sigmas[-1]))
+
+
+def _image(v: jax.Array, like: jax.Array) -> jax.Array:
+    """A per-example [B] value (or a scalar) broadcast against [B, ...] images."""
+    v = jnp.asarray(v)
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim)) if v.ndim else v

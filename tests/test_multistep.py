@@ -7,14 +7,16 @@ paper's VP notation), independently of consistency_jax/vp.py.
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from consistency_jax import checkpointing, experiment, methods, parallel, teachers, train, vp
+from consistency_jax import state as state_lib
 from consistency_jax.methods import multistep
-from consistency_jax.models import create_model
 from consistency_jax.parametrization import ConsistencyFunction
 from tests.helpers import tiny_config
 
@@ -207,11 +209,23 @@ def randomize(params, seed=1):
     return _perturb(params, jax.random.PRNGKey(seed))
 
 
+class TinyDenoiser(nn.Module):
+    """A few-op network with the model registry's call signature: the loss and sampler maths do not need
+    NCSN++, and this one compiles in a fraction of the time."""
+
+    @nn.compact
+    def __call__(self, x, noise_label, labels=None, train=False):
+        h = nn.Conv(8, (3, 3))(x)
+        h = h + nn.Dense(8)(jnp.stack([noise_label, jnp.sin(3 * noise_label)], -1))[:, None, None, :]
+        h = nn.Dropout(0.3, deterministic=not train)(nn.silu(h))
+        return nn.Conv(x.shape[-1], (3, 3))(h)
+
+
 @pytest.fixture(scope="module")
 def net():
-    """The tiny test network as an EDM denoiser (jitted), two param sets (student, teacher), and a data batch."""
-    fn = ConsistencyFunction(create_model(tiny_config().model), SIGMA_MIN, 0.5, "edm", boundary=False)
-    init = jax.jit(fn.init, static_argnums=(1, 2))(jax.random.PRNGKey(0), (8, 8, 1), False)
+    """The tiny network as an EDM denoiser, jitted, two param sets (student, teacher), and a data batch."""
+    fn = ConsistencyFunction(TinyDenoiser(), SIGMA_MIN, 0.5, "edm", boundary=False)
+    init = fn.init(jax.random.PRNGKey(0), (8, 8, 1), False)
     x = jax.random.uniform(jax.random.PRNGKey(3), (6, 8, 8, 1), minval=-1, maxval=1)
     return fn, jax.jit(fn, static_argnames="train"), randomize(init, 1), randomize(init, 2), x
 
@@ -278,21 +292,20 @@ def test_with_one_step_per_segment_ct_is_weighted_diffusion_training(net):
     assert float(loss) == pytest.approx(expected, rel=2e-3)
 
 
-def constant_fn(value):
-    """A stand-in network that predicts `value` whatever it sees."""
-    return lambda params, x_sigma, sigma, labels=None, **_: jnp.broadcast_to(value, x_sigma.shape)
+def constant_fn(params, x_sigma, sigma, labels=None, **_):
+    """A stand-in network that predicts its params (an image) whatever it sees."""
+    return jnp.broadcast_to(params, x_sigma.shape)
 
 
 def test_a_perfect_model_of_a_point_mass_has_zero_loss():
     """Data = one image x0: the ODE path has x_hat = x0 everywhere; the model that says so is consistent for any S, T."""
     x0 = jax.random.uniform(jax.random.PRNGKey(0), (1, 8, 8, 1), minval=-1, maxval=1)
     x = jnp.repeat(x0, 8, axis=0)
-    for teacher_fn in (None, constant_fn(x0)):  # CT, and CD with a perfect teacher (x_var = 0)
-        kwargs = loss_kwargs(constant_fn(x0), teacher_fn=teacher_fn, segments=2, start=16, end=16,
-                             xvar_frac=0.75, norm="sum")
-        perfect, _ = jit_loss(**kwargs)(None, None, x, jax.random.PRNGKey(1), 0)
-        kwargs["fn"] = constant_fn(x0 + 0.01)
-        off, _ = jit_loss(**kwargs)(None, None, x, jax.random.PRNGKey(1), 0)
+    for teacher_fn in (None, constant_fn):  # CT, and CD with a perfect teacher (x_var = 0)
+        loss_fn = jit_loss(**loss_kwargs(constant_fn, teacher_fn=teacher_fn, segments=2, start=16, end=16,
+                                         xvar_frac=0.75, norm="sum"))
+        perfect, _ = loss_fn(x0, x0, x, jax.random.PRNGKey(1), 0)
+        off, _ = loss_fn(x0 + 0.01, x0, x, jax.random.PRNGKey(1), 0)
         assert float(perfect) < 1e-3 * float(off), (float(perfect), float(off))
 
 
@@ -333,24 +346,25 @@ def ct_config(num_steps=3, segments=2):
 
 
 @pytest.fixture(scope="module")
-def ct_experiment():
-    return experiment.create_experiment(ct_config(), jax.devices()[:1])
+def ct_method(net):
+    """multistep_ct around the tiny network."""
+    return multistep.MultistepCT(ct_config(), net[0], (8, 8, 1), 0)
 
 
 @pytest.fixture(scope="module")
-def four_step_sampler(ct_experiment):
-    spec = ct_experiment.method.sampler(4)
+def four_step_sampler(ct_method):
+    spec = ct_method.sampler(4)
     return spec, jax.jit(lambda params, rng: spec.sample(params, rng, (6, 8, 8, 1), None))
 
 
-def test_sampler_is_ddim_between_segment_boundaries(ct_experiment, four_step_sampler, net):
+def test_sampler_is_ddim_between_segment_boundaries(ct_method, four_step_sampler, net):
     _, apply, params, _, _ = net
     spec, sample = four_step_sampler
     expected_sigmas = np.tan(np.arctan(SIGMA_MIN) + np.array([1, 0.75, 0.5, 0.25])
                              * (np.arctan(SIGMA_MAX) - np.arctan(SIGMA_MIN)))
     np.testing.assert_allclose(spec.sigmas[:-1], expected_sigmas, rtol=1e-5)
     assert spec.sigmas[-1] == 0.0 and spec.network_evaluations == 4
-    assert spec.key == ct_experiment.method.sampler(4).key != ct_experiment.method.sampler(2).key
+    assert spec.key == ct_method.sampler(4).key != ct_method.sampler(2).key
 
     rng = jax.random.PRNGKey(4)
     images = sample(params, rng)
@@ -365,14 +379,14 @@ def test_sampler_is_ddim_between_segment_boundaries(ct_experiment, four_step_sam
     np.testing.assert_allclose(images, z, rtol=1e-3, atol=1e-3)
 
 
-def test_sampler_is_deterministic_for_a_key(ct_experiment, four_step_sampler, net):
+def test_sampler_is_deterministic_for_a_key(ct_method, four_step_sampler, net):
     _, apply, params, _, _ = net
     sample = four_step_sampler[1]
     a, b = sample(params, jax.random.PRNGKey(0)), sample(params, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(a, b)
     assert float(jnp.abs(a - sample(params, jax.random.PRNGKey(1))).max()) > 1e-2
     # One step is f(z_1 / alpha_1, sigma_max) with z_1 ~ N(0, I).
-    one = jax.jit(lambda p, r: ct_experiment.method.sampler(1).sample(p, r, (6, 8, 8, 1), None))(
+    one = jax.jit(lambda p, r: ct_method.sampler(1).sample(p, r, (6, 8, 8, 1), None))(
         params, jax.random.PRNGKey(0))
     z = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1))
     np.testing.assert_allclose(one, apply(params, z / vp.Level.of_sigma(jnp.float32(SIGMA_MAX)).alpha,
@@ -413,40 +427,70 @@ def test_ct_teacher_without_initialisation_and_cd_without_teacher_are_errors():
         experiment.validate_config(config)
 
 
-def test_ct_state_and_initialisation(ct_experiment, net):
-    assert ct_experiment.method.init_state(None, None) == {}  # CT keeps nothing beside the params
+def test_ct_state_and_initialisation(ct_method, net):
+    assert ct_method.init_state(None, None) == {}  # CT keeps nothing beside the params
     params = net[2]
     fresh = jax.tree.map(jnp.zeros_like, params)
-    assert ct_experiment.method.init_params(fresh, None) is fresh
-    assert ct_experiment.method.init_params(fresh, params) is params  # a teacher_workdir initialises CT
+    assert ct_method.init_params(fresh, None) is fresh
+    assert ct_method.init_params(fresh, params) is params  # a teacher_workdir initialises CT
 
 
 def write_teacher_workdir(workdir):
-    """A diffusion (EDM) run's workdir as the teacher loader reads it: config.json and a checkpoint."""
+    """A diffusion (EDM) run's workdir as the teacher loader reads it: config.json and a checkpoint.
+
+    The params are random arrays of the network's shapes (eval_shape: nothing is compiled).
+    """
     config = tiny_config()
     config.method = methods.method_config("edm")
     exp = experiment.create_experiment(config, jax.devices()[:1])
-    state = exp.create_state()
-    state = state.replace(params=randomize(state.params, 3), ema_params=(randomize(state.params, 4),))
+    shapes = jax.eval_shape(exp.init_params, jax.random.PRNGKey(0))
+    leaves, tree = jax.tree.flatten(shapes)
+    rng = np.random.default_rng(0)
+    params, ema = (jax.tree.unflatten(tree, [rng.normal(size=v.shape).astype(v.dtype) for v in leaves])
+                   for _ in range(2))
+    state = state_lib.create_train_state(params, optax.sgd(0.1), 1, jax.random.PRNGKey(0), {})
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort())
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    checkpointer.save(10, state, {})
+    checkpointer.save(10, state.replace(ema_params=(ema,)), {})
     checkpointer.close()
-    return jax.device_get(state.ema_params[0])
+    return ema
 
 
-def test_cd_keeps_the_frozen_teacher_and_starts_from_it(tmp_path):
-    teacher_params = write_teacher_workdir(str(tmp_path / "teacher"))
+def cd_config(teacher_workdir):
     config = ct_config()
     config.method = methods.method_config("multistep_cd")
     config.method.update(dict(segments=2, teacher_steps_start=4, teacher_steps_end=8, anneal_steps=2,
-                              teacher_workdir=str(tmp_path / "teacher")))
-    exp = experiment.create_experiment(config, jax.devices()[:1], workdir=str(tmp_path / "student"))
+                              teacher_workdir=teacher_workdir))
+    return config
+
+
+def same(a, b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cd_loads_its_teacher_keeps_it_and_starts_from_it(tmp_path):
+    teacher_params = write_teacher_workdir(str(tmp_path / "teacher"))
+    exp = experiment.create_experiment(cd_config(str(tmp_path / "teacher")), jax.devices()[:1],
+                                       workdir=str(tmp_path / "student"))
+    assert exp.method.teacher_fn is not None
+    loaded = teachers.load_params(exp.config, exp.teacher_config, exp.teacher_shapes, exp.mesh)
+    jax.tree.map(same, loaded, teacher_params)  # teacher_ema_rate -1: the teacher's first EMA
+    fresh = jax.tree.map(jnp.zeros_like, loaded)
+    jax.tree.map(same, exp.method.init_params(fresh, loaded), teacher_params)  # init_from_teacher
+    jax.tree.map(same, exp.method.init_state(fresh, loaded)["teacher"], teacher_params)
+    exp.config.method.init_from_teacher = False
+    assert exp.method.init_params(fresh, loaded) is fresh
+
+
+@pytest.mark.slow
+def test_cd_trains_through_the_loop_with_a_frozen_teacher(tmp_path):
+    teacher_params = write_teacher_workdir(str(tmp_path / "teacher"))
+    exp = experiment.create_experiment(cd_config(str(tmp_path / "teacher")), jax.devices()[:1],
+                                       workdir=str(tmp_path / "student"))
     state = exp.create_state()
-    same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
-    jax.tree.map(same, state.params, teacher_params)  # init_from_teacher: the teacher's first EMA
+    jax.tree.map(same, state.params, teacher_params)
     jax.tree.map(same, state.method_state["teacher"], teacher_params)
     step_fn = train.jit_train_step(exp)
     images = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (16, 8, 8, 1), minval=-1, maxval=1))
