@@ -148,7 +148,21 @@ def _refuse(condition: bool, message: str) -> None:
         raise ConversionError(message)
 
 
-def plan_model(network: EDMNetwork, head_channels: int = DHARIWAL_HEAD_CHANNELS) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What the init_kwargs say: the network here, and what the state dict must hold."""
+
+    model: ml_collections.ConfigDict
+    model_type: str  # 'SongUNet' or 'DhariwalUNet'
+    label_dim: int
+    image_shape: tuple[int, int, int]
+    sigma_data: float
+    sigma_range: tuple[float, float]
+    head_channels: int
+    notes: tuple[str, ...]
+
+
+def plan_model(network: EDMNetwork, head_channels: int = DHARIWAL_HEAD_CHANNELS) -> _Plan:
     """The network's description here: model fields, image shape, classes, sigma_data; refuses what has no match.
 
     `head_channels` is DhariwalUNet's attention head width; EDM fixes it at 64
@@ -188,11 +202,11 @@ def plan_model(network: EDMNetwork, head_channels: int = DHARIWAL_HEAD_CHANNELS)
                      f"augment_labels=None, which skips it.")
     if precond["use_fp16"]:
         notes.append("use_fp16=True left out: EDM's compute precision; config.model.dtype stays float32.")
-    return dict(model=model, model_type=model_type, unet=unet, label_dim=label_dim,
-                image_shape=(int(precond["img_resolution"]),) * 2 + (int(precond["img_channels"]),),
-                sigma_data=float(precond["sigma_data"]),
-                sigma_range=(float(precond["sigma_min"]), float(precond["sigma_max"])), notes=notes,
-                head_channels=head_channels)
+    return _Plan(model=model, model_type=model_type, label_dim=label_dim,
+                 image_shape=(int(precond["img_resolution"]),) * 2 + (int(precond["img_channels"]),),
+                 sigma_data=float(precond["sigma_data"]),
+                 sigma_range=(float(precond["sigma_min"]), float(precond["sigma_max"])),
+                 head_channels=head_channels, notes=tuple(notes))
 
 
 def _song_unet_model(unet: dict[str, Any], label_dim: int) -> ml_collections.ConfigDict:
@@ -321,20 +335,20 @@ def _attention(sd: _StateDict, name: str, num_heads: int) -> dict[str, Any]:
             "proj": _dense(sd, f"{name}.proj")}
 
 
-def _song_unet_params(sd: _StateDict, plan: dict[str, Any]) -> dict[str, Any]:
-    unet, model = plan["unet"], plan["model"]
+def _song_unet_params(sd: _StateDict, plan: _Plan) -> dict[str, Any]:
+    model = plan.model
     taps = model.resample_filter
     params: dict[str, Any] = {"emb_dense0": _dense(sd, "map_layer0"), "emb_dense1": _dense(sd, "map_layer1")}
-    if plan["label_dim"]:
+    if plan.label_dim:
         weight, bias = sd.take("map_label.weight"), sd.take("map_label.bias")
-        rows = math.sqrt(plan["label_dim"]) * weight.T + bias  # the one-hot input is scaled by sqrt(label_dim)
+        rows = math.sqrt(plan.label_dim) * weight.T + bias  # the one-hot input is scaled by sqrt(label_dim)
         params["label_embed"] = {"embedding": np.concatenate([rows, bias[None]], axis=0)}
     sd.skip("map_augment.")
     if model.embedding_type == "fourier":
         params.update(_fourier_frequencies(sd.take("map_noise.freqs")))
     levels = len(model.channel_mult)
     for level in range(levels):
-        res = plan["image_shape"][0] >> level
+        res = plan.image_shape[0] >> level
         if level == 0:
             params["enc_conv_in"] = _conv(sd, f"enc.{res}x{res}_conv")
         else:
@@ -349,7 +363,7 @@ def _song_unet_params(sd: _StateDict, plan: dict[str, Any]) -> dict[str, Any]:
             if res in model.attn_resolutions:
                 params[f"enc{res}_attn{idx}"] = _attention(sd, name, num_heads=1)
     for level in reversed(range(levels)):
-        res = plan["image_shape"][0] >> level
+        res = plan.image_shape[0] >> level
         if level == levels - 1:
             params[f"mid{res}_block0"] = _res_block(sd, f"dec.{res}x{res}_in0", taps)
             params[f"mid{res}_attn"] = _attention(sd, f"dec.{res}x{res}_in0", num_heads=1)
@@ -361,7 +375,7 @@ def _song_unet_params(sd: _StateDict, plan: dict[str, Any]) -> dict[str, Any]:
             params[f"dec{res}_block{idx}"] = _res_block(sd, name, taps)
             if idx == model.num_res_blocks and res in model.attn_resolutions:
                 params[f"dec{res}_attn"] = _attention(sd, name, num_heads=1)
-    res = plan["image_shape"][0]
+    res = plan.image_shape[0]
     params["out_norm"] = _norm(sd, f"dec.{res}x{res}_aux_norm")
     params["out_conv"] = _conv(sd, f"dec.{res}x{res}_aux_conv")
     return params
@@ -372,18 +386,18 @@ def _fourier_frequencies(freqs: np.ndarray) -> dict[str, Any]:
                           "variables (issue 9 item 8), which this version does not have yet.")
 
 
-def _dhariwal_unet_params(sd: _StateDict, plan: dict[str, Any]) -> dict[str, Any]:
-    model = plan["model"]
+def _dhariwal_unet_params(sd: _StateDict, plan: _Plan) -> dict[str, Any]:
+    model = plan.model
     taps = (1, 1)  # DhariwalUNet's UNetBlock default
-    heads = lambda channels: channels // plan["head_channels"]  # noqa: E731
+    heads = lambda channels: channels // plan.head_channels  # noqa: E731
     params: dict[str, Any] = {"emb_dense0": _dense(sd, "map_layer0"), "emb_dense1": _dense(sd, "map_layer1")}
-    if plan["label_dim"]:
+    if plan.label_dim:
         weight = sd.take("map_label.weight")  # no bias, no input scaling
         params["label_embed"] = {"embedding": np.concatenate([weight.T, np.zeros_like(weight.T[:1])], axis=0)}
     sd.skip("map_augment.")
     levels = len(model.channel_mult)
     for level, mult in enumerate(model.channel_mult):
-        res = plan["image_shape"][0] >> level
+        res = plan.image_shape[0] >> level
         channels = model.model_channels * mult
         if level == 0:
             params["enc_conv_in"] = _conv(sd, f"enc.{res}x{res}_conv")
@@ -395,7 +409,7 @@ def _dhariwal_unet_params(sd: _StateDict, plan: dict[str, Any]) -> dict[str, Any
             if res in model.attn_resolutions:
                 params[f"enc{res}_attn{idx}"] = _attention(sd, name, heads(channels))
     for level in reversed(range(levels)):
-        res = plan["image_shape"][0] >> level
+        res = plan.image_shape[0] >> level
         channels = model.model_channels * model.channel_mult[level]
         if level == levels - 1:
             params[f"mid{res}_block0"] = _res_block(sd, f"dec.{res}x{res}_in0", taps)
@@ -413,24 +427,24 @@ def _dhariwal_unet_params(sd: _StateDict, plan: dict[str, Any]) -> dict[str, Any
     return params
 
 
-def _check_attention_heads(plan: dict[str, Any]) -> None:
+def _check_attention_heads(plan: _Plan) -> None:
     """EDM floors channels / 64 (and has no attention below 64 channels); the ADM here needs whole heads."""
-    model = plan["model"]
+    model = plan.model
     levels = len(model.channel_mult)
     for level, mult in enumerate(model.channel_mult):
-        res = plan["image_shape"][0] >> level
+        res = plan.image_shape[0] >> level
         channels = model.model_channels * mult
-        if (res in model.attn_resolutions or level == levels - 1) and channels % plan["head_channels"]:
+        if (res in model.attn_resolutions or level == levels - 1) and channels % plan.head_channels:
             raise ConversionError(
                 f"DhariwalUNet has {channels} channels with attention at {res}x{res}, not a multiple of its "
-                f"{plan['head_channels']}-channel heads; models/adm.py needs whole heads.")
+                f"{plan.head_channels}-channel heads; models/adm.py needs whole heads.")
 
 
 def convert_network(network: EDMNetwork, head_channels: int = DHARIWAL_HEAD_CHANNELS) -> Conversion:
     """The network's config.model and params; every tensor of the state dict is used or named in the notes."""
     plan = plan_model(network, head_channels)
     sd = _StateDict(network.state_dict)
-    if plan["model_type"] == "SongUNet":
+    if plan.model_type == "SongUNet":
         params = _song_unet_params(sd, plan)
     else:
         _check_attention_heads(plan)
@@ -441,9 +455,8 @@ def convert_network(network: EDMNetwork, head_channels: int = DHARIWAL_HEAD_CHAN
                               f"init_kwargs describe, e.g. {unused[:5]}: the tensors and init_kwargs do not "
                               f"belong together, or the network is a variant this converter does not know.")
     _check_shapes(params, plan)
-    return Conversion(model=plan["model"], image_shape=plan["image_shape"], num_classes=plan["label_dim"],
-                      sigma_data=plan["sigma_data"], sigma_range=plan["sigma_range"], params=params,
-                      notes=tuple(plan["notes"]))
+    return Conversion(model=plan.model, image_shape=plan.image_shape, num_classes=plan.label_dim,
+                      sigma_data=plan.sigma_data, sigma_range=plan.sigma_range, params=params, notes=plan.notes)
 
 
 def param_shapes(model_config: ml_collections.ConfigDict, image_shape: tuple[int, int, int],
@@ -458,15 +471,15 @@ def param_shapes(model_config: ml_collections.ConfigDict, image_shape: tuple[int
     return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
-def _check_shapes(params: Any, plan: dict[str, Any]) -> None:
+def _check_shapes(params: Any, plan: _Plan) -> None:
     """The converted tree must be exactly the network's: same arrays, same shapes."""
     expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
-        param_shapes(plan["model"], plan["image_shape"], plan["label_dim"]))}
+        param_shapes(plan.model, plan.image_shape, plan.label_dim))}
     got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(params)}
     if expected != got:
         differences = [f"{name}: converted {got.get(name, 'absent')} vs network {expected.get(name, 'absent')}"
                        for name in sorted({*expected, *got}) if expected.get(name) != got.get(name)]
-        raise ConversionError(f"The converted params do not fit {plan['model'].name} ({len(differences)} "
+        raise ConversionError(f"The converted params do not fit {plan.model.name} ({len(differences)} "
                               f"arrays differ), e.g. " + "; ".join(differences[:5]))
 
 

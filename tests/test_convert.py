@@ -71,13 +71,17 @@ def test_converted_network_reproduces_edm(conversions, expected, name):
     conversion = conversions(name)
     model = create_model(conversion.model)
     io = _inputs(expected, name)
-    # The U-Net alone, on EDMPrecond's c_in x and c_noise: its output at full sensitivity.
-    apply = jax.jit(lambda params, x, noise, labels: model.apply({"params": params}, x, noise, labels, train=False))
-    raw = apply(conversion.params, io["net_input"], io["noise_labels"], io["labels"])
-    np.testing.assert_allclose(np.asarray(raw), expected[f"{name}/raw"], rtol=0, atol=TOLERANCE)
     # Through the EDM denoiser D(x, sigma) of the framework (the edm method's parametrization).
     fn = ConsistencyFunction(model, sigma_min=0.002, sigma_data=conversion.sigma_data, boundary=False)
-    denoised = jax.jit(fn)(conversion.params, io["x"], io["sigma"], io["labels"])
+
+    @jax.jit
+    def outputs(params):
+        # The U-Net alone, on EDMPrecond's c_in x and c_noise: its output at full sensitivity.
+        raw = model.apply({"params": params}, io["net_input"], io["noise_labels"], io["labels"], train=False)
+        return raw, fn(params, io["x"], io["sigma"], io["labels"])
+
+    raw, denoised = outputs(conversion.params)
+    np.testing.assert_allclose(np.asarray(raw), expected[f"{name}/raw"], rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(np.asarray(denoised), expected[f"{name}/denoised"], rtol=0, atol=TOLERANCE)
 
 
