@@ -344,8 +344,8 @@ def _song_unet_params(sd: _StateDict, plan: _Plan) -> dict[str, Any]:
         rows = math.sqrt(plan.label_dim) * weight.T + bias  # the one-hot input is scaled by sqrt(label_dim)
         params["label_embed"] = {"embedding": np.concatenate([rows, bias[None]], axis=0)}
     sd.skip("map_augment.")
-    if model.embedding_type == "fourier":
-        params.update(_fourier_frequencies(sd.take("map_noise.freqs")))
+    if model.embedding_type == "fourier":  # EDM's random frequencies, a buffer there, a frozen param here
+        params["noise_embed"] = {"freqs": sd.take("map_noise.freqs")}
     levels = len(model.channel_mult)
     for level in range(levels):
         res = plan.image_shape[0] >> level
@@ -379,11 +379,6 @@ def _song_unet_params(sd: _StateDict, plan: _Plan) -> dict[str, Any]:
     params["out_norm"] = _norm(sd, f"dec.{res}x{res}_aux_norm")
     params["out_conv"] = _conv(sd, f"dec.{res}x{res}_aux_conv")
     return params
-
-
-def _fourier_frequencies(freqs: np.ndarray) -> dict[str, Any]:
-    raise ConversionError("NCSN++ (Fourier embedding) conversion needs the Fourier frequencies as model "
-                          "variables (issue 9 item 8), which this version does not have yet.")
 
 
 def _dhariwal_unet_params(sd: _StateDict, plan: _Plan) -> dict[str, Any]:

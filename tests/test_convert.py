@@ -23,7 +23,6 @@ import pytest
 
 from consistency_jax import convert, parallel, teachers
 from consistency_jax.evaluation import generate
-from consistency_jax.experiment import create_experiment
 from consistency_jax.methods import base as methods_base
 from consistency_jax.models import create_model
 from consistency_jax.parametrization import ConsistencyFunction
@@ -164,7 +163,7 @@ def test_converted_workdir_is_a_teacher(workdir, expected):
     shapes = teachers.param_shapes(fn, (8, 8, 1), 0)
     io = _inputs(expected, "ddpmpp")
     denoise = jax.jit(fn)
-    for ema_rate in (-1.0, 0.999, 0.0):  # the first EMA, another EMA, the raw params: all EDM's weights
+    for ema_rate in (0.999, 0.0):  # an EMA and the raw params: both are EDM's weights
         config.method.teacher_ema_rate = ema_rate
         params = teachers.load_params(config, teacher, shapes, mesh)
         np.testing.assert_allclose(np.asarray(denoise(params, io["x"], io["sigma"])), expected["ddpmpp/denoised"],
@@ -174,16 +173,11 @@ def test_converted_workdir_is_a_teacher(workdir, expected):
     assert provenance["class"] == "EDMPrecond" and provenance["init_kwargs"]["augment_dim"] == 9
 
 
-def test_sample_mode_reads_the_converted_workdir(workdir, conversions):
+def test_sample_mode_reads_the_converted_workdir(workdir):
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))  # the converted config: a matching config
     config.sampling.num_samples = config.sampling.batch_size = 8
-    config.sampling.num_steps = 2
-    experiment = create_experiment(config, jax.devices()[:1])
-    weights = generate.restore_weights(experiment, workdir, None)
-    for params in (weights.params, *weights.ema_params):
-        for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(conversions("ddpmpp").params)):
-            np.testing.assert_array_equal(np.asarray(got), want)
+    config.sampling.num_steps = 1  # one Heun level: D(sigma_max z, sigma_max)
     images = np.load(generate.run_sample(config, workdir))["images"]
     assert images.shape == (8, 8, 8, 1) and images.std() > 0
 
