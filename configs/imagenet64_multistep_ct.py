@@ -21,7 +21,8 @@ The paper's network is a UViT that this framework does not have; this config use
 and the numbers above are the paper's network's, not this config's.
 
 Unconfirmed (the paper does not say, or no code was published): optimizer and learning rate (Adam, lr
-1e-4 here, for fine-tuning), EMA rate 0.9999, dropout 0.2 (the paper's UViT: 0.2 in its middle blocks),
+1e-4 here, for fine-tuning), EMA rate 0.9999, dropout 0.1 (EDM's ADM trained with it; the paper's UViT
+used 0.2 in its middle blocks),
 the schedule's truncation (sigma in [0.002, 80], EDM's range, so that the EDM initialisation is queried
 where it was trained), the pseudo-Huber norm ('rms', see methods/multistep.py), no random flips. The
 paper's schedule is "an interpolated cosine schedule from noise resolution 32 to 64", which it calls
@@ -70,6 +71,7 @@ def get_config(segments: str = "8", method: str = "multistep_ct") -> ml_collecti
 
     # Must be the initialisation's network (the run stops at start with the differing arrays otherwise).
     config.model = imagenet64_ict.adm_model(config, num_res_blocks=3)
+    config.model.dropout = 0.1
 
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 1e-4

@@ -4,6 +4,7 @@ Expected values are computed here in float64 numpy from SPEC section 5's formula
 paper's VP notation), independently of consistency_jax/vp.py.
 """
 
+import importlib.util
 import math
 import os
 
@@ -504,3 +505,52 @@ def test_cd_trains_through_the_loop_with_a_frozen_teacher(tmp_path):
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), teacher_params,
                                          jax.device_get(state.params)))
     assert max(moved) > 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Configs.
+# ----------------------------------------------------------------------------
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name, *args):
+    """A config file loaded by path, as config_flags does (`--config=configs/<name>.py:<arg>`)."""
+    path = os.path.join(CONFIG_DIR, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+@pytest.mark.parametrize("name,published", [
+    ("imagenet64_multistep_ct", {1: 7.2, 2: 2.7, 4: 1.8, 8: 1.5, 16: 1.5}),
+    ("imagenet64_multistep_cd", {1: 4.3, 2: 2.0, 4: 1.7, 8: 1.6, 16: 1.5}),
+])
+def test_imagenet_configs_follow_the_paper(name, published):
+    for segments in (1, 2, 4, 8, 16):
+        config = load_config(name, str(segments))
+        methods.check_method_config(config)  # (validate_config would also look for the ImageNet data)
+        for steps in config.eval.steps:
+            multistep.MultistepConsistency.check_sampler(config, steps)
+        assert config.method.segments == config.sampling.num_steps == segments and tuple(config.eval.steps) == (
+            segments,)
+    fields = config.method
+    assert (fields.teacher_steps_start, fields.teacher_steps_end, fields.anneal_steps) == (64, 1280, 100_000)
+    assert fields.huber_eps == 1e-4 and fields.weighting == "snr_plus_one" and fields.init_from_teacher
+    assert (config.training.batch_size, config.training.num_steps) == (2048, 200_000)
+    assert fields.get("xvar_frac", 0.75) == 0.75
+    assert load_config(name).method.segments == 8  # no argument: the 8-step model
+    doc = open(os.path.join(CONFIG_DIR, f"{name}.py")).read()
+    listing = ", ".join(f"{s}: {fid}" for s, fid in published.items())
+    assert f"--config=configs/{name}.py:8" in doc and listing.replace("1: ", "S = 1: ", 1) in doc
+
+
+def test_quickstart_configs_are_valid_and_share_the_edm_teachers_network():
+    ct, cd = load_config("quickstart_multistep"), load_config("quickstart_multistep_cd")
+    experiment.validate_config(ct)
+    experiment.validate_config(cd)
+    assert (ct.method.name, cd.method.name) == ("multistep_ct", "multistep_cd")
+    assert tuple(ct.eval.steps) == tuple(cd.eval.steps) == (1, 2, 4, 8)
+    assert ct.model.to_dict() == cd.model.to_dict() == load_config("quickstart").model.to_dict()
