@@ -136,7 +136,7 @@ def test_update_applies_each_loss_gradient_to_its_own_network_only(tiny):
     exp, step_fn, batches = tiny
     method, state, batch = exp.method, exp.create_state(), batches[0]
     ms = state.method_state
-    new, metrics = step_fn(state, batch)
+    new, metrics = step_fn(exp.create_state(), batch)  # the step donates its input state
 
     gen_batch, fake_batch, real_batch = act.split_batch(batch)
     num_scales = act.act_num_scales(0, 40, 2, 150)
@@ -178,15 +178,14 @@ def test_update_applies_each_loss_gradient_to_its_own_network_only(tiny):
 def test_steps_move_p_on_r1_steps_and_resume_exactly(tiny, tmp_path):
     """Four steps straight equal two steps, a checkpoint, a restore and two more: both networks' states."""
     exp, step_fn, batches = tiny
-    state = exp.create_state()
-    straight, ps = state, []
+    straight, ps = exp.create_state(), []  # (the step donates its input state)
     for batch in batches:
         straight, _ = step_fn(straight, batch)
         ps.append(float(straight.method_state["ada_p"]))
     # R1 at steps 0 and 2 (interval 2): p rises by 16 * 2 / 128 = 0.25 on those steps only.
     assert ps == pytest.approx([0.25, 0.25, 0.5, 0.5])
 
-    resumed = state
+    resumed = exp.create_state()
     for batch in batches[:2]:
         resumed, _ = step_fn(resumed, batch)
     checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=2, async_save=False)

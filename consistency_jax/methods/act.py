@@ -55,6 +55,7 @@ from consistency_jax.methods import distances
 from consistency_jax.methods.base import Method
 from consistency_jax.models.discriminator import Discriminator
 from consistency_jax.parametrization import c_noise
+from consistency_jax.state import ema_update
 
 DISTANCES = ("pseudo_huber", "l2", "squared_l2")
 DISC_OPTIMIZERS = ("radam", "adam")
@@ -252,8 +253,7 @@ class ACT(Method):
         """The EMA target with mu(k) of the step's N(k)."""
         f = self.fields
         mu = target_ema_decay(act_num_scales(step, self.total_steps, f.s0, f.s1), f.s0, f.target_ema_mu0)
-        target = jax.tree.map(lambda t, p: mu * t + (1 - mu) * p, method_state["target"], params)
-        return {**method_state, "target": target}
+        return {**method_state, "target": ema_update(method_state["target"], params, mu)}
 
     # -- Pieces -------------------------------------------------------------
 
