@@ -88,6 +88,16 @@ def get_config() -> ml_collections.ConfigDict:
     # Inception weights: a directory or file; None: ~/.cache/consistency_jax (see README).
     ev.inception_dir = ml_collections.FieldReference(None, field_type=str)
 
+    # Zero-shot editing with a consistency model (--mode=edit; consistency_jax/evaluation/edit.py).
+    config.edit = edit = ml_collections.ConfigDict()
+    edit.task = "inpaint"  # 'inpaint', 'colorize', 'superres', 'stroke'
+    # A PNG, or an .npz with uint8 'images' [N, H, W(, C)] (optional 'masks', int 'labels'); results go beside it.
+    edit.images = ml_collections.FieldReference(None, field_type=str)
+    edit.masks = ml_collections.FieldReference(None, field_type=str)  # inpaint: PNG / .npz 'masks'; white = fill
+    edit.steps = 4  # noise levels: a Karras grid from sigma_start down
+    edit.sigma_start = -1.0  # first noise level; -1: sigma_max (stroke: 10)
+    edit.label = -1  # class-conditional models, when the .npz has no 'labels': this class
+
     # Device mesh: axis sizes, -1 = all remaining devices.
     config.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1

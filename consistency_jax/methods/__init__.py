@@ -11,9 +11,9 @@ from consistency_jax.methods.base import Method
 
 
 def _registry() -> dict[str, type[Method]]:
-    from consistency_jax.methods import edm, ict, multistep
+    from consistency_jax.methods import act, edm, ict, multistep
 
-    return {cls.name: cls for cls in (edm.EDM, ict.ICT, multistep.MultistepCT, multistep.MultistepCD)}
+    return {cls.name: cls for cls in (act.ACT, edm.EDM, ict.ICT, multistep.MultistepCT, multistep.MultistepCD)}
 
 
 def method_names() -> list[str]:
