@@ -9,6 +9,11 @@ c_noise(sigma) values [B], and `class_labels` int32 [B] or None (the value
 `num_classes` is the null class kept for classifier-free guidance). The module
 never knows which method trains it; the other fields of `config.model` are the
 module's own dataclass fields.
+
+A network whose params must stay on a constraint set after every optimizer step
+(EDM2's forced weight normalisation) defines a static `project_params(params)`;
+`project_params` below applies it (Method.update calls it), other networks
+leave the params as they are.
 """
 
 import dataclasses
@@ -20,9 +25,9 @@ import ml_collections
 
 def _registry() -> dict[str, type[nn.Module]]:
     # Imported here so that importing the package does not build every network.
-    from consistency_jax.models import adm, ncsnpp
+    from consistency_jax.models import adm, edm2, ncsnpp
 
-    return {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM}
+    return {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM, "edm2": edm2.EDM2UNet}
 
 
 def model_names() -> list[str]:
@@ -47,3 +52,9 @@ def create_model(model_config: ml_collections.ConfigDict, **overrides: Any) -> n
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return cls(**kwargs)
+
+
+def project_params(model: nn.Module | None, params: Any) -> Any:
+    """The network's projection of its params after an optimizer step, if it has one (EDM2's forced WN)."""
+    project = getattr(model, "project_params", None)
+    return project(params) if project is not None else params
