@@ -1,6 +1,9 @@
-"""ECT and SCT (methods/ect.py, methods/sct.py): schedules, targets, the SCT estimator, guidance, sampling."""
+"""ECT and SCT (methods/ect.py, methods/sct.py): schedules, targets, the SCT estimator, guidance, sampling,
+and their configs."""
 
+import importlib.util
 import math
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from consistency_jax import methods, parallel, samplers, schedules
+from consistency_jax import experiment, methods, parallel, samplers, schedules
 from consistency_jax.methods import ect, sct
 from consistency_jax.models import create_model
 from tests.helpers import tiny_config
@@ -290,3 +293,71 @@ def test_bad_fields_are_rejected(field, value):
     config.method[field] = value
     with pytest.raises(ValueError, match=f"config.method.{field}"):
         methods.check_method_config(config)
+
+
+# ----------------------------------------------------------------------------- configs
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name: str, *args):
+    """Loads a config file by path, as ml_collections' config_flags does (`file.py:arg` passes arg)."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIG_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+def validate_without_data(config, monkeypatch):
+    """experiment.validate_config, minus reading the dataset (CIFAR-10 / ImageNet are not on this machine)."""
+    monkeypatch.setattr(experiment.pipeline, "check_dataset", lambda data_config: None)
+    experiment.validate_config(config)
+
+
+@pytest.mark.parametrize("name", ["cifar10_ect", "cifar10_sct"])
+def test_cifar10_configs(name, monkeypatch):
+    config = load_config(name)
+    validate_without_data(config, monkeypatch)
+    m = config.method
+    assert m.name == name.split("_")[1]
+    assert (m.p_mean, m.p_std, m.q, m.stage_steps, m.k, m.b, m.huber_c) == (-1.1, 2.0, 2.0, 25_000, 8.0, 1.0, 0.0)
+    assert m.weighting == "inverse_gap" and m.boundary == "sampling" and m.teacher_workdir is None
+    assert (config.training.batch_size, config.training.num_steps) == (128, 100_000)
+    assert config.optimizer.name == "radam" and config.optimizer.learning_rate == 1e-4
+    assert tuple(config.training.ema_rates) == (0.9999,) and config.model.dropout == 0.2
+    assert config.sampling.mid_sigma == 0.821 and config.model.embedding_type == "positional"
+    doc = (CONFIG_DIR / f"{name}.py").read_text()
+    assert f"--config=configs/{name}.py" in doc and "edm-cifar10-32x32-uncond-vp" in doc
+    assert "python -m consistency_jax.convert" in doc
+    if name == "cifar10_ect":
+        assert all(v in doc for v in ("4.54", "2.20", "3.60", "2.11"))
+
+
+@pytest.mark.parametrize("name,fid1,fid2", [("imagenet64_ect", 2.49, 1.67), ("imagenet64_sct", 2.42, 1.55)])
+def test_imagenet64_configs(name, fid1, fid2, monkeypatch):
+    config = load_config(name)
+    validate_without_data(config, monkeypatch)
+    m = config.method
+    assert (m.p_mean, m.p_std, m.q, m.stage_steps, m.huber_c, m.weighting) == (-0.8, 1.6, 4.0, 25_000, 0.06, "edm")
+    assert m.boundary == "none" and config.model.name == "edm2" and config.model.model_channels == 384  # XL
+    opt = config.optimizer
+    assert (opt.name, opt.learning_rate, opt.b1, opt.b2, opt.lr_schedule, opt.rsqrt_ref_steps) == (
+        "adam", 7e-4, 0.9, 0.99, "rsqrt", 2000)
+    assert tuple(config.training.ema_sigma_rels) == (0.01, 0.05, 0.1) and config.sampling.mid_sigma == 1.526
+    assert config.data.num_classes == config.model.num_classes == 1000 and config.model.dropout_res == 16
+    small = load_config(name, "S")
+    assert (small.model.model_channels, small.optimizer.learning_rate, small.model.dropout) == (192, 1e-3, 0.4)
+    doc = (CONFIG_DIR / f"{name}.py").read_text()
+    assert f"--config=configs/{name}.py:XL" in doc and f"{fid1:.2f}" in doc and f"{fid2:.2f}" in doc
+    with pytest.raises(ValueError, match="valid: S, M, L, XL"):
+        load_config(name, "XXL")
+
+
+@pytest.mark.parametrize("name", ["quickstart_ect", "quickstart_sct"])
+def test_quickstart_configs_use_the_teachers_network(name):
+    config = load_config(name)
+    experiment.validate_config(config)
+    teacher = load_config("quickstart_edm")
+    assert config.model.to_dict() == teacher.model.to_dict() and config.data.to_dict() == teacher.data.to_dict()
+    assert config.method.name == name.split("_")[1]
+    assert f"--config=configs/{name}.py" in (CONFIG_DIR / f"{name}.py").read_text()
