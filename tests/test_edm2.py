@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from consistency_jax import experiment, methods, parallel, phema, train
+from consistency_jax import checkpointing, experiment, methods, parallel, phema, train
 from consistency_jax.evaluation import generate
 from consistency_jax.models import edm2
 from tests.helpers import tiny_config
@@ -73,40 +73,49 @@ def test_mp_sum_and_mp_cat_keep_unit_variance():
     assert rms(jax.nn.silu(a)) < 0.65  # what mp_silu's 1/0.596 corrects
 
 
-def test_forced_weight_normalisation_and_power_ema_in_training():
-    """EDM on a tiny EDM2: after each step every MPConv weight is back at unit RMS (forced WN), and the
-    power-function EMA follows beta(t) = (1 - 1/t)^(gamma + 1)."""
+def test_forced_weight_normalisation_and_power_ema_in_training(tmp_path):
+    """EDM on a tiny EDM2: after each step every MPConv weight is back at unit RMS (forced WN); the
+    power-function EMA follows beta(t) = (1 - 1/t)^(gamma + 1); post-hoc reconstruction reads the checkpoints."""
     config = tiny_config(num_steps=3)
     config.method = methods.method_config("edm")
     config.model = edm2_tiny_model_config()
     config.optimizer.learning_rate = 0.05  # big steps: without the projection the weights leave unit RMS
-    config.training.ema_rates = ()
-    config.training.ema_sigma_rels = (0.15,)
+    config.training.ema_rates = (0.9,)
+    config.training.ema_sigma_rels = (0.15, 0.25)
+    config.sampling.ema_sigma_rel = 0.15
     experiment.validate_config(config)
     exp = experiment.create_experiment(config, jax.devices()[:1])
     state = exp.create_state()
     step = train.jit_train_step(exp)
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=10, async_save=False)
     rng = np.random.RandomState(0)
     params_seen, emas = [], []
-    for _ in range(3):
+    for k in range(1, 4):
         batch = {"image": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)}
         state, _ = step(state, parallel.global_batch(batch, exp.mesh))
         params_seen.append(jax.device_get(state.params))  # the step donates the state it is given
-        emas.append(jax.device_get(state.ema_params[0]))
+        emas.append(jax.device_get(state.ema_params))
+        checkpointer.save(k, state, {}, force=True)
+    checkpointer.close()
     for path, w in jax.tree_util.tree_leaves_with_path(params_seen[-1]):
         if jax.tree_util.keystr(path).endswith("['weight']"):
             rms = np.sqrt(np.mean(np.square(np.asarray(w)), axis=tuple(range(w.ndim - 1))))
             np.testing.assert_allclose(rms, 1 / (1 + 1e-4), rtol=1e-5)
     gamma = phema.sigma_rel_to_gamma(0.15)
     leaf = lambda tree: np.asarray(tree["out_conv"]["weight"])  # noqa: E731
-    np.testing.assert_allclose(leaf(emas[0]), leaf(params_seen[0]), rtol=1e-6)  # beta(1) = 0
+    np.testing.assert_allclose(leaf(emas[0][1]), leaf(params_seen[0]), rtol=1e-6)  # beta(1) = 0
     expected = leaf(params_seen[0])
     for t in (2, 3):
         beta = (1 - 1 / t) ** (gamma + 1)
         expected = beta * expected + (1 - beta) * leaf(params_seen[t - 1])
-    np.testing.assert_allclose(leaf(emas[2]), expected, rtol=1e-5, atol=1e-7)
-    # Sampling defaults to the only EMA there is, the power-function one.
-    np.testing.assert_array_equal(leaf(generate.sampling_params(state, config)), leaf(emas[2]))
+    np.testing.assert_allclose(leaf(emas[2][1]), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(leaf(generate.sampling_params(state, config)), leaf(emas[2][1]))
+    # Post hoc from the three checkpoints: a stored width comes back as itself (index 2 = sigma_rel 0.25,
+    # after the exponential EMA), another one lies between the stored ones.
+    rebuilt = phema.posthoc_params(exp, str(tmp_path), 0.25)
+    np.testing.assert_allclose(leaf(rebuilt), leaf(emas[2][2]), rtol=1e-4, atol=1e-6)
+    between = leaf(phema.posthoc_params(exp, str(tmp_path), 0.2))
+    assert np.all(np.isfinite(between)) and not np.allclose(between, leaf(emas[2][2]))
 
 
 def edm2_tiny_model_config() -> ml_collections.ConfigDict:
