@@ -44,7 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consistency_jax.models.layers import check_image_and_labels, compute_dtype, fir_downsample, fir_upsample
+from consistency_jax.models.layers import (
+    check_image_and_labels,
+    compute_dtype,
+    fir_downsample,
+    fir_upsample,
+    frozen_param,
+)
 
 _EPS = 1e-4  # epsilon of EDM2's normalize()
 SIZES = {"S": 192, "M": 256, "L": 320, "XL": 384}  # model_channels of the published ImageNet-64 sizes
@@ -105,8 +111,8 @@ class MPConv(nn.Module):
 class MPFourier(nn.Module):
     """Magnitude-preserving Fourier features (Equation 75): sqrt(2) cos(2 pi (f c + p)), f ~ N(0, bw^2), p ~ U.
 
-    The frequencies and phases are drawn once at init and never trained (stop_gradient); they are params so
-    that a checkpoint (or a converted EDM2 pickle) restores them.
+    The frequencies and phases are drawn once at init and never trained (layers.frozen_param: stop_gradient,
+    no weight decay); they are params so that a checkpoint (or a converted EDM2 pickle) restores them.
     """
 
     features: int
@@ -114,10 +120,10 @@ class MPFourier(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        freqs = self.param("freqs", lambda rng, n: 2 * np.pi * self.bandwidth * jax.random.normal(rng, (n,)),
-                           self.features)
-        phases = self.param("phases", lambda rng, n: 2 * np.pi * jax.random.uniform(rng, (n,)), self.features)
-        freqs, phases = jax.lax.stop_gradient(freqs), jax.lax.stop_gradient(phases)
+        freqs = frozen_param(self, "freqs", lambda rng, shape, dtype: 2 * np.pi * self.bandwidth
+                             * jax.random.normal(rng, shape, dtype), (self.features,))
+        phases = frozen_param(self, "phases", lambda rng, shape, dtype: 2 * np.pi * jax.random.uniform(rng, shape, dtype),
+                              (self.features,))
         y = x.astype(jnp.float32)[:, None] * freqs[None, :] + phases[None, :]
         return jnp.cos(y) * math.sqrt(2)
 
