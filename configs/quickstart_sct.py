@@ -5,7 +5,9 @@ Run (after the EDM quickstart, whose workdir is the teacher):
     python -m consistency_jax.main --config=configs/quickstart_sct.py --workdir=/tmp/quickstart_sct \
         --config.method.teacher_workdir=/tmp/quickstart_edm
 
-TUNING: numbers to be filled in.
+Everything as quickstart_ect.py (same teacher, steps and optimizer, so the two compare at the same step
+count) except SCT's variance-reduced target: the posterior mean over the 128 digits of each batch.
+Status: see quickstart_ect.py (target not yet reached; SCT was the more stable of the two at lr 2e-3).
 """
 
 import os
