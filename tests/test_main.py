@@ -18,7 +18,7 @@ def run_main(*args, timeout=120):
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("--config.model.name=resnet", "Unknown model name 'resnet'; valid names: adm, ncsnpp"),
+    ("--config.model.name=resnet", "Unknown model name 'resnet'; valid names: adm, edm2, ncsnpp"),
     ("--config.method.name=gan", f"Unknown method name 'gan'; valid names: {', '.join(methods.method_names())}"),
     ("--config.data.name=mnist", "Unknown data.name 'mnist'; valid names: cifar10, imagenet_resized/64x64"),
     ("--config.optimizer.name=sgd", "Unknown config.optimizer.name 'sgd'; valid: adam, radam, adamw"),
