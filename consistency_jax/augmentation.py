@@ -28,8 +28,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_LUMA_AXIS = jnp.full((3,), 1 / math.sqrt(3.0))
+# NumPy, not jnp: a module-level jnp array would start the XLA backend at import, before a multi-host job's
+# jax.distributed.initialize().
+_LUMA_AXIS = np.full((3,), 1 / math.sqrt(3.0), np.float32)
 
 
 def augment(rng: jax.Array, images: jax.Array, p: jax.Array) -> jax.Array:

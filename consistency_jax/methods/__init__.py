@@ -11,9 +11,12 @@ from consistency_jax.methods.base import Method
 
 
 def _registry() -> dict[str, type[Method]]:
-    from consistency_jax.methods import act, edm, ict, multistep
+    from consistency_jax.methods import act, ect, edm, ict, multistep, sct
 
-    return {cls.name: cls for cls in (act.ACT, edm.EDM, ict.ICT, multistep.MultistepCT, multistep.MultistepCD)}
+    return {
+        cls.name: cls
+        for cls in (act.ACT, ect.ECT, edm.EDM, ict.ICT, multistep.MultistepCT, multistep.MultistepCD, sct.SCT)
+    }
 
 
 def method_names() -> list[str]:
