@@ -12,6 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quickstart_edm  # noqa: E402
 import quickstart_multistep  # noqa: E402
 
 from consistency_jax import methods  # noqa: E402
@@ -24,4 +25,9 @@ def get_config():
     for name in ("segments", "teacher_steps_start", "teacher_steps_end", "anneal_steps"):
         config.method[name] = ct_fields[name]
     config.method.xvar_frac = 0.75
+    # The teacher's data, network and parametrization: the student starts from the teacher's params.
+    teacher = quickstart_edm.get_config()
+    config.data = teacher.data
+    config.model = teacher.model
+    config.parametrization = teacher.parametrization
     return config
