@@ -553,4 +553,7 @@ def test_quickstart_configs_are_valid_and_share_the_edm_teachers_network():
     experiment.validate_config(cd)
     assert (ct.method.name, cd.method.name) == ("multistep_ct", "multistep_cd")
     assert tuple(ct.eval.steps) == tuple(cd.eval.steps) == (1, 2, 4, 8)
-    assert ct.model.to_dict() == cd.model.to_dict() == load_config("quickstart").model.to_dict()
+    assert ct.model.to_dict() == load_config("quickstart").model.to_dict()
+    edm = load_config("quickstart_edm")  # the CD student starts from the EDM quickstart's params
+    assert cd.model.to_dict() == edm.model.to_dict()
+    assert cd.parametrization.to_dict() == edm.parametrization.to_dict()
