@@ -15,7 +15,7 @@ import optax
 from consistency_jax import checkpointing, methods, parallel, teachers
 from consistency_jax.data import pipeline
 from consistency_jax.methods.base import Method
-from consistency_jax.models import create_model
+from consistency_jax.models import create_model, trainable_mask
 from consistency_jax.parametrization import C_NOISE_KINDS, NetworkFunction
 from consistency_jax.state import TrainState, create_train_state
 
@@ -147,7 +147,9 @@ def create_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
     if opt.name == "radam":
         core = optax.radam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
     elif opt.name == "adamw":
-        core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+        # The frozen params (Fourier frequencies) have zero gradients; the mask keeps decay off them too.
+        core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                           mask=trainable_mask)
     else:
         core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
     if opt.grad_clip_norm > 0:

@@ -26,6 +26,14 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation, num
                       ema_params=tuple(params for _ in range(num_emas)), method_state=method_state, rng=rng)
 
 
+def ema_update(ema: Any, params: Any, rate: float | jax.Array) -> Any:
+    """rate * ema + (1 - rate) * params, written as ema + (1 - rate) * (params - ema).
+
+    The same average, but a leaf equal to its EMA (a frozen param such as the
+    Fourier frequencies) stays bit-identical; the other form drifts by rounding.
+    """
+    return jax.tree.map(lambda e, p: e + (1 - rate) * (p - e), ema, params)
+
+
 def update_emas(ema_params: tuple[Any, ...], params: Any, rates: tuple[float, ...]) -> tuple[Any, ...]:
-    return tuple(jax.tree.map(lambda e, p, r=rate: r * e + (1 - r) * p, ema, params)
-                 for ema, rate in zip(ema_params, rates))
+    return tuple(ema_update(ema, params, rate) for ema, rate in zip(ema_params, rates))

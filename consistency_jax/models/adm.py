@@ -9,6 +9,12 @@ for block: attention after every res block of an attention resolution, in the
 encoder and the decoder. Class-conditional with 1000 classes it has
 295,900,035 parameters: the published 295.9M plus the 768 of the extra
 null-class row of the label embedding. The iCT-deep rows use `num_res_blocks=6`.
+
+Initialisation as ADM / CM (cm/unet.py): PyTorch's defaults (uniform,
+fan-in) for convs and linears, zeros for the last conv of each block and of
+the output, and N(0, 1) for the label embedding (PyTorch's nn.Embedding; EDM's
+DhariwalUNet map_label has the same std). With embedding_type='fourier' the
+model_channels / 2 frequencies are a frozen param (layers.FROZEN_PARAM_NAMES).
 """
 
 import functools
@@ -27,6 +33,7 @@ from consistency_jax.models.layers import (
     group_norm,
     noise_embedding,
     torch_default_uniform,
+    unit_normal,
     zeros_init,
 )
 
@@ -122,11 +129,14 @@ class ADM(nn.Module):
         """SiLU(MLP(noise features) + label embedding): the vector every res block reads."""
         emb_channels = 4 * self.model_channels
         # The sinusoids stay float32 whatever the compute dtype: their arguments can be large.
-        emb = noise_embedding(self.embedding_type, self.model_channels, self.fourier_scale)(noise_labels)
+        emb = noise_embedding(self.embedding_type, self.model_channels, self.fourier_scale,
+                              name="noise_embed")(noise_labels)
         dense = functools.partial(nn.Dense, emb_channels, dtype=dtype, param_dtype=jnp.float32,
                                   kernel_init=torch_default_uniform)
         emb = dense(name="emb_dense1")(nn.silu(dense(name="emb_dense0")(emb)))
         if self.num_classes > 0:
-            labels = nn.Embed(self.num_classes + 1, emb_channels, name="label_embed")(class_labels)
+            # N(0, 1) rows, as PyTorch's nn.Embedding in ADM / CM (cm/unet.py) and EDM's DhariwalUNet.
+            labels = nn.Embed(self.num_classes + 1, emb_channels, embedding_init=unit_normal,
+                              name="label_embed")(class_labels)
             emb = emb + labels.astype(emb.dtype)
         return nn.silu(emb)
