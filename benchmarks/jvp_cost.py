@@ -37,17 +37,22 @@ _ATTENTION = flags.DEFINE_bool("attention", False, "Also time attention_impl='do
 _JSON = flags.DEFINE_string("json_out", None, "Append the results as one JSON line to this file.")
 
 
-def _median_seconds(fn, *args) -> tuple[float, float]:
-    """(compile + first run seconds, median seconds of the later runs)."""
+def _median_seconds(fn, *args) -> tuple[float, float, float]:
+    """(compile + first run seconds, median wall seconds of the later runs, their mean process CPU seconds).
+
+    The CPU time (all of XLA's threads) is what a run costs on a busy machine too; on a
+    shared 2-core host the wall time depends on the other jobs, the CPU time much less.
+    """
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
     times = []
+    cpu_start = time.process_time()
     for _ in range(_REPEATS.value):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+    return first, statistics.median(times), (time.process_time() - cpu_start) / _REPEATS.value
 
 
 def time_network(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, float]:
@@ -82,10 +87,11 @@ def time_network(config: ml_collections.ConfigDict, batch_size: int) -> dict[str
     results = {}
     for name, f in (("forward", forward), ("jvp", jvp), ("forward_backward", backward),
                     ("sct_objective_grad", sct), ("ict_like_grad", ict)):
-        first, median = _median_seconds(f, params)
-        results[f"{name}_s"], results[f"{name}_compile_s"] = median, first
-    results["jvp_over_forward"] = results["jvp_s"] / results["forward_s"]
-    results["sct_over_ict"] = results["sct_objective_grad_s"] / results["ict_like_grad_s"]
+        first, median, cpu = _median_seconds(f, params)
+        results[f"{name}_s"], results[f"{name}_cpu_s"], results[f"{name}_compile_s"] = median, cpu, first
+    for kind in ("s", "cpu_s"):
+        results[f"jvp_over_forward_{kind}"] = results[f"jvp_{kind}"] / results[f"forward_{kind}"]
+        results[f"sct_over_ict_{kind}"] = results[f"sct_objective_grad_{kind}"] / results[f"ict_like_grad_{kind}"]
     return results
 
 
@@ -102,11 +108,13 @@ def main(argv):
     load = os.getloadavg()
     print(f"{config.model.name}, batch {_BATCH.value}, {jax.devices()[0].platform}, "
           f"{os.cpu_count()} CPUs, load average {load[0]:.2f}")
-    keys = ["forward_s", "jvp_s", "forward_backward_s", "sct_objective_grad_s", "ict_like_grad_s",
-            "jvp_over_forward", "sct_over_ict"]
-    print(f"{'attention':24s}" + "".join(f"{k:>22s}" for k in keys))
-    for impl, row in rows.items():
-        print(f"{impl:24s}" + "".join(f"{row[k]:22.4f}" for k in keys))
+    names = ["forward", "jvp", "forward_backward", "sct_objective_grad", "ict_like_grad"]
+    for kind, label in (("s", "median wall seconds"), ("cpu_s", "mean process CPU seconds")):
+        keys = [f"{n}_{kind}" for n in names] + [f"jvp_over_forward_{kind}", f"sct_over_ict_{kind}"]
+        print(f"{label}:")
+        print(f"{'attention':24s}" + "".join(f"{k.removesuffix('_' + kind):>20s}" for k in keys))
+        for impl, row in rows.items():
+            print(f"{impl:24s}" + "".join(f"{row[k]:20.4f}" for k in keys))
     if _JSON.value:
         with open(_JSON.value, "a") as f:
             f.write(json.dumps({"config": config.model.name, "batch_size": _BATCH.value, "load": load[0],

@@ -1,9 +1,9 @@
 """sCT on class-conditional ImageNet 64x64 (Lu & Song 2024), from a TrigFlow diffusion model of the same network.
 
-Run (the paper initialises the CM from its teacher's EMA; the teacher is a TrigFlow diffusion
-run of this network, e.g. `--config=configs/imagenet64_scm_ct.py --config.method=...` is not
-enough: train it with methods 'trigflow' on this config.model, see cifar10_trigflow.py):
-    python -m consistency_jax.main --config=configs/imagenet64_scm_ct.py --workdir=/path/to/sct_in64 \\
+Run (the paper initialises the CM from its teacher's EMA: a TrigFlow diffusion run of this
+same network, i.e. method 'trigflow' with this config.model; the paper trains it with EDM2
+config G's settings, table 4):
+    python -m consistency_jax.main --config=configs/imagenet64_scm_ct.py --workdir=/path/to/sct_in64 \
         --config.method.teacher_workdir=/path/to/trigflow_in64
 
 Published FID (50k samples, table 7; 2-step through t_mid = 1.1, sigma = 0.982):

@@ -421,3 +421,26 @@ def test_config_errors_name_the_field():
     config.method.jvp_dtype = "float16"
     with pytest.raises(experiment.ConfigError, match="config.method.jvp_dtype"):
         experiment.validate_config(config)
+
+
+@pytest.mark.slow
+def test_scd_distils_an_edm_run_end_to_end(tmp_path):
+    """An EDM diffusion run as teacher_workdir: loaded once into the sCD state, the student starts from it."""
+    teacher_config = scm_config("edm", num_steps=2)
+    teacher_config.training.checkpoint_every = 2
+    teacher_state = train.train_and_evaluate(teacher_config, str(tmp_path / "edm"))
+    config = scm_config("scm_cd", num_steps=2)
+    config.method.teacher_workdir = str(tmp_path / "edm")
+    config.method.teacher_ema_rate = 0.0  # the raw params, to compare exactly
+    config.method.time_conditioning = "edm"
+    exp = experiment.create_experiment(config, jax.devices()[:1], workdir=str(tmp_path / "scd"))
+    start = jax.device_get(exp.create_state())
+    jax.tree.map(np.testing.assert_array_equal, start.params, jax.device_get(teacher_state.params))
+    jax.tree.map(np.testing.assert_array_equal, start.method_state["teacher"], start.params)
+    state = train.train_and_evaluate(config, str(tmp_path / "scd"))
+    assert int(state.step) == 2 and (tmp_path / "scd" / "teacher_config.json").exists()
+    # The teacher stays frozen while the student moves.
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.method_state["teacher"]), start.params)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(state.params),
+                                         start.params))
+    assert max(moved) > 0
