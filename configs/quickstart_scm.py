@@ -21,7 +21,7 @@ def get_config():
     config.method = methods.method_config("scm_ct")
     config.method.p_mean = -1.0
     config.method.p_std = 1.4
-    config.method.tangent_warmup_steps = 500
+    config.method.tangent_warmup_steps = 200
     config.method.tangent_normalization = "l2"
     config.method.tangent_norm_c = 0.1
     config.method.adaptive_weighting = True
@@ -47,11 +47,11 @@ def get_config():
     config.optimizer.grad_clip_norm = 1.0
 
     config.training.batch_size = 128
-    config.training.num_steps = 2000
+    config.training.num_steps = 600
     config.training.ema_rates = (0.99,)
     config.training.log_every = 100
-    config.training.sample_every = 500
-    config.training.checkpoint_every = 500
+    config.training.sample_every = 0
+    config.training.checkpoint_every = 600
 
     config.sampling.num_samples = 256
     config.sampling.num_steps = 1
