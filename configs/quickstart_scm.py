@@ -59,6 +59,7 @@ def get_config():
 
     config.optimizer.name = "radam"
     config.optimizer.learning_rate = 2e-3
+    config.optimizer.lr_schedule = "cosine"  # to 0 over the run
     config.optimizer.b1 = 0.9
     config.optimizer.b2 = 0.99
     config.optimizer.grad_clip_norm = 1.0
