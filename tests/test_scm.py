@@ -444,3 +444,30 @@ def test_scd_distils_an_edm_run_end_to_end(tmp_path):
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), jax.device_get(state.params),
                                          start.params))
     assert max(moved) > 0
+
+
+def test_adm_takes_the_scm_options_dropout_only_at_low_resolution():
+    """ADM with adaptive double normalisation and dropout only in blocks at <= dropout_max_resolution (traced only)."""
+    from consistency_jax.models.adm import ADM
+
+    rates = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dropout):
+            rates[context.module.parent.name] = context.module.rate
+        return next_fun(*args, **kwargs)
+
+    x = jnp.zeros((2, 8, 8, 1))
+    for updown in (True, False):
+        rates.clear()
+        model = ADM(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_head_channels=8,
+                    dropout=0.3, dropout_max_resolution=4, adaptive_double_norm=True, resblock_updown=updown)
+        with nn.intercept_methods(record):
+            jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                                              x, jnp.zeros((2,)), None, train=True))
+        # Named by the input resolution: enc8_down outputs 4x4 (dropout), dec4_up 8x8 (none).
+        expected = {"enc8_block0": 0.0, "enc4_block0": 0.3, "mid4_block0": 0.3, "mid4_block1": 0.3,
+                    "dec4_block0": 0.3, "dec4_block1": 0.3, "dec8_block0": 0.0, "dec8_block1": 0.0}
+        if updown:
+            expected.update(enc8_down=0.3, dec4_up=0.0)
+        assert rates == expected
