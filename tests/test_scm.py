@@ -471,3 +471,10 @@ def test_adm_takes_the_scm_options_dropout_only_at_low_resolution():
         if updown:
             expected.update(enc8_down=0.3, dec4_up=0.0)
         assert rates == expected
+
+
+def test_proposal_makes_sd_tan_t_lognormal_with_p_mean_and_p_std():
+    t = np.asarray(scm.sample_times(jax.random.PRNGKey(0), 100_000, -0.8, 1.6, SD), np.float64)
+    assert t.min() > 0 and t.max() < math.pi / 2
+    tau = np.log(SD * np.tan(t))
+    assert tau.mean() == pytest.approx(-0.8, abs=0.02) and tau.std() == pytest.approx(1.6, abs=0.02)
