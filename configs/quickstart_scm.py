@@ -9,16 +9,17 @@ learned weighting w_phi(t)) with the iCT quickstart's 1.3M-parameter NCSN++
 carrying the paper's TrigFlow changes (positional embedding of c_noise(t) = t,
 adaptive double normalisation), batch 128, 600 steps, then the quality report
 (1- and 2-step samples; 2-step through the paper's t_mid = 1.1).
-Expected report (digits features, 297 images): Frechet distance about 4.8 for
-1-step and 4.3 for 2-step samples, against 1.89 for held-out real digits (the
-floor) and 257 for the untrained network: 1-step about 2.5x the floor.
-MEASURED (these exact settings, fresh workdir, AVX-512 host at load average
-10-20 from other jobs, so no representative wall time): 1-step 4.82, 2-step
-4.27 (precision 0.50 / 0.48, recall 0.84 / 0.86); held-out real 1.89,
-untrained 257.2: 1-step 2.55x the floor. Cost estimate from
-benchmarks/jvp_cost.py: 0.42 CPU s per step (forward, JVP, backward), about
-250 CPU s for the 600 steps, so about 2 min of training on an idle 2-core
-host plus compile and evaluation.
+Expected report (digits features, 297 images): Frechet distance about 4.2-4.8
+for 1-step and 4.3 for 2-step samples, against 1.89 for held-out real digits
+(the floor) and 257 for the untrained network: 1-step 2.2-2.6x the floor.
+MEASURED with this exact command in a fresh workdir, under the timing lock
+(AVX-512 host, 2 cores shared with other jobs: load average 4.4 at the start,
+8.8 at the end): wall 10 min 53 s, user CPU 268 s + system 41 s, peak RSS
+2.1 GB; 1.0-1.2 steps/s. Report: 1-step 4.18, 2-step 4.31 (precision 0.53 /
+0.53, recall 0.85 / 0.82); held-out real 1.89; untrained 257.2: 1-step 2.22x
+the floor. An idle 2-core host needs about the CPU time over two cores plus
+the single-threaded compiles: about 3-3.5 min. An earlier run of the same
+settings (before merging main, load 10-20) gave 4.82 / 4.27.
 
 Settings changed from the paper for a 600-step run: lognormal proposal of
 tan(t) sd with P_mean -1.0, P_std 1.4 (the paper's CIFAR-10 values), tangent
