@@ -158,10 +158,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     pending = None  # (step, device metrics) of the last dispatched step, checked one step late
     window: list[dict[str, float]] = []
     window_start = time.time()
+    untimed, first_step = 0, True  # the window's steps left out of its rate: the first one includes the compile
     try:
         while step < train.num_steps:
             batch = parallel.global_batch(next(data), experiment.mesh)
             state, metrics = train_step_fn(state, batch)
+            if first_step:  # the ETA comes from steady-state steps, not from the compile
+                jax.block_until_ready(metrics)
+                window_start, untimed, first_step = time.time(), 1, False
             step += 1
             # Fetching the previous step's metrics keeps the device queue one step ahead.
             if pending is not None:
@@ -172,8 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step % train.log_every == 0 or at_end or stop:
                 window.append(_fetch(*pending))
                 pending = None
-                window_start = _log_window(log, step, train.num_steps, window, window_start)
-                window = []
+                window_start = _log_window(log, step, train.num_steps, window, window_start, untimed)
+                window, untimed = [], 0
             if train.sample_every and (step % train.sample_every == 0 or at_end):
                 _write_sample_grid(experiment, state, workdir, step)
             if step % train.checkpoint_every == 0 or at_end or stop:
@@ -212,9 +216,11 @@ def _fetch(step: int, metrics: dict) -> dict[str, float]:
 
 
 def _log_window(log: MetricsLog, step: int, num_steps: int, window: list[dict[str, float]],
-                window_start: float) -> float:
+                window_start: float, untimed: int = 0) -> float:
+    """Logs the window's mean metrics and its rate; `untimed` leading steps (the compile) are not in the rate."""
     now = time.time()
-    rate = len(window) / max(now - window_start, 1e-9)
+    timed = len(window) - untimed
+    rate = timed / max(now - window_start, 1e-9) if timed > 0 else 0.0
     means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
     log.write(step, {**means, "steps_per_sec": rate})
     eta = (num_steps - step) / rate if rate > 0 else float("inf")
