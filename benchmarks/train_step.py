@@ -256,7 +256,7 @@ def run_benchmark(config: ml_collections.ConfigDict, batch_size: int | None = No
     _check_positive("sample_batch", sample_batch, allow_zero=True)
     _check_positive("sample_repeats", sample_repeats)
     load_start = os.getloadavg()[0]
-    rss_start = current_rss_bytes()  # imports (TensorFlow via clu, JAX) before any network exists
+    rss_start = current_rss_bytes()  # imports (JAX, orbax; no TensorFlow since train.py dropped clu) before any network exists
     with tempfile.TemporaryDirectory() as directory:
         config = with_synthetic_data(config, directory)
         config.training.batch_size = batch_size
