@@ -121,9 +121,9 @@ def heun_sample(denoiser: NetworkFunction, params: Any, rng: jax.Array, shape: t
     denoise = lambda x, sigma: denoiser(params, x, sigma, labels)  # noqa: E731
 
     def churn(x, sigma, gamma, key):
-        sigma_hat = sigma * (1 + gamma)
-        noise = jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * jax.random.normal(key, shape)
-        return x + noise, sigma_hat
+        # sqrt(sigma_hat^2 - sigma^2) written so that it cannot round below 0 (a NaN under XLA's fusion).
+        noise_std = sigma * jnp.sqrt(gamma * (2 + gamma))
+        return x + noise_std * s_noise * jax.random.normal(key, shape), sigma * (1 + gamma)
 
     def step(x, inputs):
         sigma, sigma_next, gamma, key = inputs
@@ -134,7 +134,8 @@ def heun_sample(denoiser: NetworkFunction, params: Any, rng: jax.Array, shape: t
     levels = jnp.asarray(sigmas, jnp.float32)
     x = sigmas[0] * jax.random.normal(init_rng, shape)
     # Every step but the last is a Heun step (one compiled body); the last, to sigma = 0, is Euler.
-    x, _ = jax.lax.scan(step, x, (levels[:-2], levels[1:-1], jnp.asarray(gammas[:-1], jnp.float32), keys[:-1]))
+    if num_levels > 1:
+        x, _ = jax.lax.scan(step, x, (levels[:-2], levels[1:-1], jnp.asarray(gammas[:-1], jnp.float32), keys[:-1]))
     x, sigma_hat = churn(x, levels[-2], gammas[-1], keys[-1])
     return heun_step(denoise, x, sigma_hat, levels[-1], second_order=False)
 

@@ -316,7 +316,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None
         _write_atomically(stem + ".npz", lambda f: np.savez(f, **arrays), binary=True)
         save_image_grid(images[:256], stem + ".png")
         shutil.rmtree(chunk_dir, ignore_errors=True)
-        logging.info("Wrote %d samples to %s.npz and a grid to %s.png", len(images), stem, stem)
+        logging.info("Wrote %d samples (%d network evaluations each) to %s.npz and a grid to %s.png", len(images),
+                     experiment.method.sampler(sampling.num_steps).network_evaluations, stem, stem)
     return stem + ".npz"
 
 
@@ -454,6 +455,9 @@ def format_report(result: dict) -> str:
     keys = sorted({k for row in rows.values() for k in row})
     lines = [f"Evaluation at step {result['checkpoint_step']}: {result['num_samples']} images per row, "
              f"{result['feature_extractor']} features, EMA {result['ema_rate']}, reference = training set",
+             "Network evaluations per sample: " + ", ".join(
+                 f"{n} steps: {nfe}" if int(n) > 1 else f"{n} step: {nfe}"
+                 for n, nfe in result.get("network_evaluations", {}).items()),
              f"{'':24s}" + "".join(f"{k:>14s}" for k in keys)]
     for name, row in rows.items():
         lines.append(f"{name:24s}" + "".join(f"{row.get(k, float('nan')):14.4f}" for k in keys))
