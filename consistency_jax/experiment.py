@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from consistency_jax import checkpointing, methods, parallel, teachers
+from consistency_jax import checkpointing, methods, parallel, phema, teachers
 from consistency_jax.data import pipeline
 from consistency_jax.methods.base import Method
-from consistency_jax.models import create_model
+from consistency_jax.models import create_model, trainable_mask
 from consistency_jax.parametrization import C_NOISE_KINDS, NetworkFunction
 from consistency_jax.state import TrainState, create_train_state
 
@@ -65,6 +65,13 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     _require(train.num_steps > 0, f"config.training.num_steps must be positive, got {train.num_steps}.")
     _require(all(0 <= r < 1 for r in train.ema_rates),
              f"config.training.ema_rates must lie in [0, 1), got {tuple(train.ema_rates)}.")
+    _require(all(0 < s < phema.MAX_SIGMA_REL for s in train.ema_sigma_rels),
+             f"config.training.ema_sigma_rels (power-function EMA widths) must lie in (0, "
+             f"{phema.MAX_SIGMA_REL:.4f}), got {tuple(train.ema_sigma_rels)}.")
+    _require(config.sampling.ema_sigma_rel == 0 or config.sampling.ema_sigma_rel in train.ema_sigma_rels,
+             f"config.sampling.ema_sigma_rel={config.sampling.ema_sigma_rel} is not one of the power-function "
+             f"EMAs this run keeps (config.training.ema_sigma_rels={tuple(train.ema_sigma_rels)}); 0 selects "
+             f"by config.sampling.ema_rate.")
     sampler_method = methods.get_method(config.method.name)
     for steps in {config.sampling.num_steps, *config.eval.steps}:
         sampler_method.check_sampler(config, steps)
@@ -98,7 +105,9 @@ class Experiment:
     def init_state(self, rng: jax.Array, teacher_params: Any | None) -> TrainState:
         params = self.method.init_params(self.init_params(rng), teacher_params)
         method_state = self.method.init_state(params, teacher_params)
-        return create_train_state(params, self.optimizer, len(self.config.training.ema_rates), rng, method_state)
+        train = self.config.training
+        num_emas = len(train.ema_rates) + len(train.ema_sigma_rels)
+        return create_train_state(params, self.optimizer, num_emas, rng, method_state)
 
     @functools.cached_property
     def teacher_shapes(self) -> Any | None:
@@ -147,7 +156,9 @@ def create_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
     if opt.name == "radam":
         core = optax.radam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
     elif opt.name == "adamw":
-        core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+        # The frozen params (Fourier frequencies) have zero gradients; the mask keeps decay off them too.
+        core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                           mask=trainable_mask)
     else:
         core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
     if opt.grad_clip_norm > 0:
