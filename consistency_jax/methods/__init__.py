@@ -43,9 +43,4 @@ def check_method_config(config: ml_collections.ConfigDict) -> None:
             f"(missing: {missing or 'none'}; not {cls.name!r} fields: {extra or 'none'}). Switch methods by "
             f"starting from a config made for {cls.name!r} (configs/*.py set config.method = "
             f"methods.method_config({cls.name!r})), not with --config.method.name alone.")
-    if cls.teacher == "required" and not config.method.get("teacher_workdir"):
-        raise ValueError(
-            f"Method {cls.name!r} needs a teacher: set --config.method.teacher_workdir=<workdir of a trained "
-            f"diffusion run of this framework (e.g. configs/quickstart_edm.py, configs/cifar10_edm.py), or of an "
-            f"EDM checkpoint converted with python -m consistency_jax.convert>.")
     cls.check_config(config)
