@@ -52,11 +52,11 @@ def get_config(method_name: str = "ect"):
     config.optimizer.grad_clip_norm = 1.0
 
     config.training.batch_size = 128
-    config.training.num_steps = 250
+    config.training.num_steps = 300
     config.training.ema_rates = (0.99,)
     config.training.log_every = 50
     config.training.sample_every = 0
-    config.training.checkpoint_every = 250
+    config.training.checkpoint_every = 300
 
     config.sampling.num_samples = 256
     config.sampling.num_steps = 1
