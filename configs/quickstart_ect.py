@@ -16,6 +16,7 @@ Status: NOT at the issue's target (ECT 2-step <= 1.5 x 2.546 = 3.82 with /work/r
 teacher). Measured on the AVX-512 EPYC host, shared (load average 7-12 from other helpers), EMA 0.99, 297
 images, digits features:
     this recipe, 300 steps (nice -n 10, load 7-12):      1-step 84.65, 2-step 13.81, wall 5:38 (user 107 s)
+    SCT (quickstart_sct.py), same recipe (load 10-17):   1-step 79.84, 2-step 13.29, wall 6:39 (user 116 s)
     the same with Adam lr 3e-4 (load ~10):               1-step 90.65, 2-step 15.49
 Wall time is over the ~3.5 min budget: ~2.5 min of it is the first compile under load, ~1.5 min the quality
 report; training itself runs at 3-4 steps/s. In the last two stages the gradient norm grows (10 -> 45-63,
