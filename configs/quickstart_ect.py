@@ -18,7 +18,7 @@ images, digits features:
     this recipe, 300 steps (nice -n 10, load 7-12):      1-step 84.65, 2-step 13.81 (through sigma 0.821),
                                                          wall 5:38 (user 107 s)
       2-step mid sigma swept on that checkpoint (--mode=eval --config.sampling.mid_sigma=...):
-      0.4: 36.85, 0.821: 13.81, 1.5: 5.69, 2.5: 3.98, 4.0: 3.85, 6.0: 3.85
+      0.4: 36.85, 0.821: 13.81, 1.5: 5.69, 2.5: 3.98, 4.0: 3.85, 5.0: 3.83, 6.0: 3.85
     SCT, same checkpoint settings: 2-step 5.56 through 1.5, 3.17 through 4.0
     SCT (quickstart_sct.py), same recipe (load 10-17):   1-step 79.84, 2-step 13.29, wall 6:39 (user 116 s)
     the same with Adam lr 3e-4 (load ~10):               1-step 90.65, 2-step 15.49
