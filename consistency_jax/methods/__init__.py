@@ -11,12 +11,11 @@ from consistency_jax.methods.base import Method
 
 
 def _registry() -> dict[str, type[Method]]:
-    from consistency_jax.methods import act, ect, edm, ict, multistep, sct
+    from consistency_jax.methods import act, ct, ect, edm, ict, multistep, scm, sct, trigflow
 
-    return {
-        cls.name: cls
-        for cls in (act.ACT, ect.ECT, edm.EDM, ict.ICT, multistep.MultistepCT, multistep.MultistepCD, sct.SCT)
-    }
+    return {cls.name: cls for cls in (act.ACT, ct.CD, ct.CT, ect.ECT, edm.EDM, ict.ICT,
+                                      multistep.MultistepCT, multistep.MultistepCD, scm.SCMCT, scm.SCMCD,
+                                      sct.SCT, trigflow.TrigFlow)}
 
 
 def method_names() -> list[str]:

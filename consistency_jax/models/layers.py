@@ -67,9 +67,11 @@ class PositionalEmbedding(nn.Module):
     @nn.compact
     def __call__(self, noise_labels: jax.Array) -> jax.Array:
         half = self.features // 2
-        steps = jnp.arange(half, dtype=jnp.float32) / (half - 1 if self.endpoint else half)
+        # float32 at least (the sinusoids' arguments can be large); float64 labels stay float64.
+        dtype = jnp.promote_types(noise_labels.dtype, jnp.float32)
+        steps = jnp.arange(half, dtype=dtype) / (half - 1 if self.endpoint else half)
         freqs = (1 / self.max_positions) ** steps
-        angles = noise_labels[:, None].astype(jnp.float32) * freqs[None, :]
+        angles = noise_labels[:, None].astype(dtype) * freqs[None, :]
         return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
@@ -85,7 +87,8 @@ def noise_embedding(kind: str, features: int, fourier_scale: float, name: str | 
 # ---------------------------------------------------------------------------
 # Building blocks of the paper-scale networks (ncsnpp.py, adm.py).
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+# 'float64' only runs in float64 with jax_enable_x64 (numerical tests, e.g. JVPs against finite differences).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
 
 Initializer = Callable[..., jax.Array]
@@ -131,10 +134,98 @@ def check_image_and_labels(x: jax.Array, noise_labels: jax.Array, class_labels: 
         raise ValueError("class_labels were given to an unconditional model; set num_classes > 0 to use them.")
 
 
-def group_norm(channels: int, eps: float, dtype: jnp.dtype, name: str | None = None) -> nn.GroupNorm:
+# ---------------------------------------------------------------------------
+# GroupNorm and convolutions in the form XLA's CPU backend runs fast. The maths
+# are flax's nn.GroupNorm and lax.conv_general_dilated (float rounding aside:
+# tests/test_numerics_pin.py pins the train step's values); params and their
+# names are the same, so checkpoints and converted weights are unaffected.
+# Profile and timings: benchmarks/README.md.
+
+
+class GroupNorm(nn.Module):
+    """flax.linen.GroupNorm (params 'scale', 'bias'), with its statistics reduced in two steps.
+
+    Flax reduces x viewed as [B, H, W, groups, C/groups] over (H, W, C/groups)
+    at once, which XLA CPU lowers as a slow strided reduction (a quarter of
+    the one-step sampler's time on CPU); here the per-channel sums over H, W
+    come first, then the per-group sums of those. Statistics are float32,
+    Var = E[x^2] - E[x]^2 clipped at 0, as in flax; the output has `dtype`.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"{self.num_groups} groups do not divide {channels} channels.")
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        spatial = tuple(range(1, x.ndim - 1))
+        group_size = channels // self.num_groups
+        count = group_size * math.prod(x.shape[1:-1])
+
+        def group_mean(per_channel_sums: jax.Array) -> jax.Array:  # [B, C] -> the group's mean, [B, C]
+            sums = per_channel_sums.reshape(x.shape[0], self.num_groups, group_size).sum(-1)
+            return jnp.repeat(sums / count, group_size, axis=-1)
+
+        mean = group_mean(jnp.sum(x32, axis=spatial))
+        var = jnp.maximum(0.0, group_mean(jnp.sum(jnp.square(x32), axis=spatial)) - jnp.square(mean))
+        per_example = (slice(None),) + (None,) * len(spatial) + (slice(None),)
+        mul = jax.lax.rsqrt(var + self.epsilon)[per_example] * scale
+        return ((x32 - mean[per_example]) * mul + bias).astype(self.dtype)
+
+
+def group_norm(channels: int, eps: float, dtype: jnp.dtype, name: str | None = None) -> GroupNorm:
     """GroupNorm with min(32, C/4) groups (NCSN++, ADM and EDM all use this rule)."""
-    return nn.GroupNorm(num_groups=min(32, max(1, channels // 4)), epsilon=eps, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+    return GroupNorm(num_groups=min(32, max(1, channels // 4)), epsilon=eps, dtype=dtype,
+                     param_dtype=jnp.float32, name=name)
+
+
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         precision=None) -> jax.Array:
+    """lax.conv_general_dilated, with 2-D convs whose kernel is larger than the image done as one matmul.
+
+    XLA's CPU backend hands a conv to its fast library (YNNPACK) only when
+    the kernel fits inside the unpadded input; a 3x3 conv on a 2x2 map (the
+    quickstart's lowest level) and its input gradient otherwise run as a
+    naive loop nest, ~10x slower than the same sums as a matmul over the
+    zero-padded patches (im2col), which is what this does. Everything else
+    goes to lax unchanged.
+    """
+    kernel = rhs.shape[:2]
+    if (rhs.ndim == 4 and dimension_numbers == _NHWC_HWIO and tuple(window_strides) == (1, 1)
+            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) and feature_group_count == 1
+            and any(n < k for n, k in zip(lhs.shape[1:3], kernel))):
+        return _conv_as_matmul(lhs, rhs, padding, precision)
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision)
+
+
+def _conv_as_matmul(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
+    """Stride-1 NHWC x HWIO correlation as [B*H'*W', kh*kw*C] @ [kh*kw*C, O] (im2col)."""
+    kh, kw, channels, features = kernel.shape
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (1, 1), padding)
+    x = jnp.pad(x, [(0, 0), *[tuple(p) for p in padding], (0, 0)])
+    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    # Patch feature order (i, j, c) matches the kernel's [kh, kw, C, O] flattened to [kh*kw*C, O].
+    patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w, :] for i in range(kh) for j in range(kw)], axis=-1)
+    out = jax.lax.dot_general(patches, kernel.reshape(kh * kw * channels, features),
+                              (((3,), (0,)), ((), ())), precision=precision)
+    return out
+
+
+# flax's nn.Conv (same params and names) through `conv_general_dilated` above.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def _normalized_taps(taps: Sequence[int]) -> np.ndarray:
@@ -211,7 +302,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) ->
     check_choice("attention_impl", impl, ATTENTION_IMPLS)
     if impl == "dot_product_attention":
         return jax.nn.dot_product_attention(q, k, v)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     weights = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
@@ -221,7 +312,10 @@ class ResBlock(nn.Module):
 
     `emb` is the already SiLU-activated conditioning vector [B, E]. With
     `scale_shift` (ADM) it sets a per-channel scale and shift of the second
-    norm; otherwise (NCSN++) it is added as a bias before that norm. Up/down
+    norm; otherwise (NCSN++) it is added as a bias before that norm. With
+    `adaptive_double_norm` (sCM, Lu & Song 2024 section 4.1) the scale and the
+    shift are pixel-normalised over the channels and replace AdaGN's:
+    norm(h) * pnorm(scale) + pnorm(shift). Up/down
     blocks resample both the residual branch and the skip with the FIR filter.
     The skip gets a 1x1 conv when the channel count changes, and also on every
     up/down block when `project_resampled_skip` (NCSN++ BigGAN blocks).
@@ -232,6 +326,7 @@ class ResBlock(nn.Module):
     resample_filter: tuple[int, ...] = (1, 1)
     project_resampled_skip: bool = False
     scale_shift: bool = False
+    adaptive_double_norm: bool = False
     dropout: float = 0.0
     skip_scale: float = 1.0
     eps: float = 1e-6
@@ -244,7 +339,7 @@ class ResBlock(nn.Module):
         check_choice("resample", self.resample, ("none", "up", "down"))
         in_channels = x.shape[-1]
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
-        conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
+        conv = functools.partial(Conv, dtype=self.dtype, param_dtype=jnp.float32)
 
         h = nn.silu(group_norm(in_channels, self.eps, self.dtype, name="norm0")(x))
         if self.resample == "up":
@@ -253,10 +348,14 @@ class ResBlock(nn.Module):
             h, x = fir_downsample(h, self.resample_filter), fir_downsample(x, self.resample_filter)
         h = conv(self.out_channels, (3, 3), kernel_init=self.kernel_init, name="conv0")(h)
 
-        num_emb = 2 * self.out_channels if self.scale_shift else self.out_channels
+        scale_shift = self.scale_shift or self.adaptive_double_norm
+        num_emb = 2 * self.out_channels if scale_shift else self.out_channels
         emb_out = dense(num_emb, kernel_init=self.kernel_init, name="emb_proj")(emb)[:, None, None, :]
         norm1 = group_norm(self.out_channels, self.eps, self.dtype, name="norm1")
-        if self.scale_shift:
+        if self.adaptive_double_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = nn.silu(norm1(h) * pixel_norm(scale) + pixel_norm(shift))
+        elif scale_shift:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = nn.silu(norm1(h) * (1 + scale) + shift)
         else:
@@ -268,6 +367,12 @@ class ResBlock(nn.Module):
         if in_channels != self.out_channels or (self.resample != "none" and self.project_resampled_skip):
             x = conv(self.out_channels, (1, 1), kernel_init=self.kernel_init, name="skip")(x)
         return (x + h) * self.skip_scale
+
+
+def pixel_norm(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """x / sqrt(mean over channels of x^2 + eps) (Karras et al. 2018), in float32 at least."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class AttentionBlock(nn.Module):

@@ -27,6 +27,8 @@ embedding is score_sde's / SongUNet's (frequencies 10000^(-i / (half - 1))),
 not ADM's; both embeddings feed [sin, cos] to the MLP, as SongUNet does.
 EDM's released DDPM++ and NCSN++ networks convert onto this module
 (`python -m consistency_jax.convert`, tests/test_convert.py checks the parity).
+sCM's TrigFlow DDPM++ adds `adaptive_double_norm=True` (the time conditioning
+c_noise(t) = t is the parametrization's, see parametrization.TrigFlowFunction).
 
 Class conditioning (EDM style): a label embedding of num_classes + 1 rows (the
 last is the null class, for guidance) is added to the noise features before
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 from consistency_jax.models.layers import (
     ATTENTION_IMPLS,
     AttentionBlock,
+    Conv,
     ResBlock,
     check_choice,
     check_image_and_labels,
@@ -76,6 +79,10 @@ class NCSNpp(nn.Module):
     resample_filter: tuple[int, ...] = (1, 3, 3, 1)
     progressive_input: str = "residual"  # 'residual' (NCSN++) or 'none' (DDPM++)
     skip_rescale: bool = True  # scale every residual sum by 1/sqrt(2)
+    # sCM's adaptive double normalization (Lu & Song 2024, section 4.1): the embedding
+    # sets a pixel-normalised scale and shift of the second norm instead of being added
+    # before it; the sCM networks of the paper (DDPM++ on CIFAR-10 included) use it.
+    adaptive_double_norm: bool = False
     num_classes: int = 0  # > 0: class-conditional, with one extra null class
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # recompute res/attention blocks in the backward pass
@@ -93,12 +100,12 @@ class NCSNpp(nn.Module):
         attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
         block = functools.partial(
             block_cls, resample_filter=tuple(self.resample_filter), project_resampled_skip=True,
-            scale_shift=False, dropout=self.dropout, skip_scale=skip_scale, eps=_EPS,
-            deterministic=not train, kernel_init=fan_avg_uniform, dtype=dtype)
+            scale_shift=False, adaptive_double_norm=self.adaptive_double_norm, dropout=self.dropout,
+            skip_scale=skip_scale, eps=_EPS, deterministic=not train, kernel_init=fan_avg_uniform, dtype=dtype)
         attention = functools.partial(attn_cls, num_heads=1, skip_scale=skip_scale, eps=_EPS,
                                       attention_impl=self.attention_impl, kernel_init=fan_avg_uniform,
                                       qkv_init=_QKV_INIT, dtype=dtype)
-        conv = functools.partial(nn.Conv, dtype=dtype, param_dtype=jnp.float32, kernel_init=fan_avg_uniform)
+        conv = functools.partial(Conv, dtype=dtype, param_dtype=jnp.float32, kernel_init=fan_avg_uniform)
 
         # Encoder. `aux` is the progressive input: the image, downsampled by a
         # strided FIR conv at every level and merged into the main path.
@@ -137,7 +144,7 @@ class NCSNpp(nn.Module):
                 res *= 2
 
         h = nn.silu(group_norm(h.shape[-1], _EPS, dtype, name="out_norm")(h))
-        out = nn.Conv(x.shape[-1], (3, 3), kernel_init=zeros_init, dtype=dtype, param_dtype=jnp.float32,
+        out = Conv(x.shape[-1], (3, 3), kernel_init=zeros_init, dtype=dtype, param_dtype=jnp.float32,
                       name="out_conv")(h)
         return out.astype(x.dtype)
 
@@ -167,6 +174,6 @@ class NCSNpp(nn.Module):
         """3x3 conv with FIR 2x downsampling, in score_sde's order: filter (stride 1), then strided conv."""
         pad = (len(self.resample_filter) - 1) // 2 + 1
         aux = fir_filter(aux, self.resample_filter, pad)
-        return nn.Conv(channels, (3, 3), strides=(2, 2), padding="VALID", dtype=dtype, param_dtype=jnp.float32,
+        return Conv(channels, (3, 3), strides=(2, 2), padding="VALID", dtype=dtype, param_dtype=jnp.float32,
                        kernel_init=fan_avg_uniform, name=name)(aux)
 
