@@ -22,13 +22,14 @@ import ml_collections
 from etils import epath
 
 from consistency_jax import checkpointing, methods, parallel
-from consistency_jax.models import create_model
+from consistency_jax.errors import UserError
+from consistency_jax import models
 from consistency_jax.parametrization import NetworkFunction
 
 SNAPSHOT_NAME = "teacher_config.json"
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """The teacher named by config.method.teacher_workdir cannot be used; the message says why."""
 
 
@@ -75,7 +76,7 @@ def _read_config(path: str) -> ml_collections.ConfigDict:
 
 def teacher_function(teacher: ml_collections.ConfigDict) -> NetworkFunction:
     """The teacher's network in the parametrization of the method that trained it."""
-    model = create_model(teacher.model)
+    model = models.create_model_for(teacher)
     return methods.get_method(teacher.method.name).make_function(teacher, model)
 
 
