@@ -46,6 +46,7 @@ from ml_collections import config_flags
 from consistency_jax import parallel, train
 from consistency_jax.evaluation import generate
 from consistency_jax.experiment import Experiment, create_experiment, validate_config
+from consistency_jax.models import count_params
 
 
 
@@ -64,7 +65,8 @@ class PeerFigures:
 
 PEER_SAMPLE_BATCH = 64
 PEER_IMAGE_SHAPE = (32, 32, 3)
-# Keyed by parameter count: each network of the table has a different one.
+# Keyed by trained parameter count (the peer keeps the Fourier frequencies as a buffer, so its counts
+# leave them out): each network of the table has a different one.
 PEER_FIGURES = {
     56_395_523: PeerFigures("NCSN++ CIFAR-10", {8: 14.0, 32: 62.8}, 2.16, {8: 2.5, 32: 6.1}),
     55_732_739: PeerFigures("DDPM++ CIFAR-10", {8: 11.7}, 2.26, {8: 2.5}),
@@ -155,10 +157,6 @@ def current_rss_bytes() -> int | None:
         return None
 
 
-def _param_count(params: Any) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-
-
 def _process_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -180,7 +178,9 @@ def _time_train(experiment: Experiment, batch_size: int, steps: int) -> tuple[di
         raise FloatingPointError("The benchmarked train step produced a non-finite loss.")
     median = statistics.median(step_seconds)
     result = {
-        "param_count": _param_count(state.params),
+        "param_count": count_params(state.params),
+        # Without the frozen Fourier frequencies: the count of networks that keep them as a buffer (EDM, the peer).
+        "trained_param_count": count_params(state.params, trainable_only=True),
         "init_s": init_seconds,
         "compile_s": compile_seconds,
         "peak_memory_after_compile_bytes": peak_after_compile,
@@ -261,7 +261,7 @@ def run_benchmark(config: ml_collections.ConfigDict, batch_size: int | None = No
         "jax_version": jax.__version__,
     })
     result["vs_peer"] = peer_comparison(
-        result["param_count"], experiment.image_shape, result["dtype"], result["platform"], batch_size,
+        result["trained_param_count"], experiment.image_shape, result["dtype"], result["platform"], batch_size,
         result["step_s_median"], sample_batch, result.get("sample_images_per_s"))
     return result
 

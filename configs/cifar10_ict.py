@@ -6,15 +6,19 @@ Run:
 Published FID (50k samples, EMA 0.99993): 1-step 2.83, 2-step 2.46
 (2-step through sigma = 0.821).
 
-Network: NCSN++ as in the CM / iCT JAX code, 56,395,523 trainable parameters
-(the reference reports 56,395,651: it also counts the 128 fixed Fourier
-frequencies), dropout 0.3, unconditional.
+Network: NCSN++ as in the CM / iCT JAX code, 56,395,651 parameters as that
+code counts them: 56,395,523 trained plus the 128 Fourier frequencies, a
+frozen param (drawn at init, checkpointed, never trained); dropout 0.3,
+unconditional.
 
-Noise embedding: iCT lowers the Fourier scale from 16 to 0.02. Its NCSN++
-embeds ln(sigma) (score_sde's convention); this config feeds c_noise = 'edm' =
-ln(sigma) / 4, so the same features need scale 4 * 0.02 = 0.08. That iCT
-embeds ln(sigma) rather than another c_noise is from the CM code base it
-builds on, not stated in the paper: unconfirmed.
+Noise embedding: iCT lowers the Fourier scale from 16 to 0.02. iCT's code is
+not public; the CM JAX code it extends feeds cond_t = 0.25 * log(sigma)
+straight into its GaussianFourierProjection (openai/consistency_models_cifar10:
+jcm/models/utils.py, get_denoiser_fn / get_distiller_fn; jcm/models/ncsnpp.py
+and layerspp.py: no log inside the network, unlike score_sde), which is this
+framework's c_noise = 'edm' = ln(sigma) / 4. So fourier_scale = 0.02 with
+c_noise = 'edm' (SPEC section 2); tests/test_models_paper.py pins the
+network's embedding input to that formula.
 
 Training: batch 1024, 400k iterations, RAdam lr 1e-4, curriculum s0 = 10 to
 s1 = 1280 (doubling every 50k), lognormal index distribution (-1.1, 2.0),
@@ -50,7 +54,7 @@ def ncsnpp_model(num_res_blocks: int) -> ml_collections.ConfigDict:
     model.attn_resolutions = (16,)
     model.dropout = 0.3
     model.embedding_type = "fourier"
-    model.fourier_scale = 0.08  # iCT's 0.02 on ln(sigma), for c_noise = ln(sigma) / 4
+    model.fourier_scale = 0.02  # iCT's 0.02, on c_noise = ln(sigma) / 4 as in the CM JAX code
     model.resample_filter = (1, 3, 3, 1)
     model.progressive_input = "residual"
     model.skip_rescale = True

@@ -6,9 +6,9 @@ Run:
 Published FID (50k samples, EMA 0.99993): 1-step 2.51, 2-step 2.24
 (2-step through sigma = 0.821).
 
-Network: NCSN++ with num_res_blocks = 8, 97,610,499 trainable parameters;
-everything else as in cifar10_ict.py (see its docstring for the unconfirmed
-choices: the Fourier scale convention, flips).
+Network: NCSN++ with num_res_blocks = 8, 97,610,627 parameters (97,610,499
+trained plus the 128 frozen Fourier frequencies); everything else as in
+cifar10_ict.py (see its docstring for the unconfirmed choices, e.g. flips).
 
 Hardware: not recorded in SPEC (unconfirmed). Cost: 72.7 GFLOP per forward
 pass per image, 400k * 1024 * 4 * 72.7e9 = 1.2e20 FLOP: about 33 hours at a

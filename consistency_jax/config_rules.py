@@ -212,14 +212,24 @@ class CheckedElsewhere(Rule):
 
 def check_fields(config: ml_collections.ConfigDict, section: str, rules: dict[str, Rule]) -> None:
     """Applies `rules` to config.<section>; raises ConfigError on the first invalid or unruled field."""
-    fields = field_value(config, section) if section else config
     for name, rule in rules.items():
-        if name not in fields:
-            continue
         path = f"{section}.{name}" if section else name
-        problem = rule.problem(fields[name], config)
+        if not has_field(config, path):
+            continue
+        value = field_value(config, path)
+        problem = rule.problem(value, config)
         if problem is not None:
-            raise ConfigError(f"config.{path}={fields[name]!r} is invalid: {problem}.")
+            raise ConfigError(f"config.{path}={value!r} is invalid: {problem}.")
+
+
+def has_field(config: ml_collections.ConfigDict, path: str) -> bool:
+    """Whether config.<path> exists; a rule's name may be dotted ('discriminator.channels': a sub-section's field)."""
+    node = config
+    for part in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def fields_without_rules(config: ml_collections.ConfigDict, section: str, rules: dict[str, Rule]) -> list[str]:

@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from consistency_jax import checkpointing, methods, models, parallel, teachers
+from consistency_jax import checkpointing, methods, models, parallel, phema, teachers
 from consistency_jax import config_rules as rules
 from consistency_jax.config_rules import ConfigError
 from consistency_jax.data import pipeline, sources
 from consistency_jax.errors import UserError
 from consistency_jax.methods.base import Method
+from consistency_jax.models import trainable_mask
 from consistency_jax.parametrization import C_NOISE_KINDS, NetworkFunction
 from consistency_jax.state import TrainState, create_train_state
 
@@ -32,7 +33,7 @@ LR_SCHEDULES = ("constant", "cosine", "rsqrt")
 # ----------------------------------------------------------------------------
 
 SIGMA_MIN, SIGMA_MAX = "parametrization.sigma_min", "parametrization.sigma_max"
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "edit")
 
 # The rules of the fields in configs/default.py, by section. A field added there needs a rule here
 # (tests/test_validation.py fails otherwise); config.method and config.model have their own tables.
@@ -71,6 +72,8 @@ GENERAL_RULES: dict[str, dict[str, rules.Rule]] = {
         "batch_size": rules.Int(ge=1),
         "num_steps": rules.Int(ge=1),
         "ema_rates": rules.Numbers(rules.Float(ge=0, lt=1), unique=True),
+        "ema_sigma_rels": rules.Numbers(rules.Float(gt=0, lt=phema.MAX_SIGMA_REL), unique=True,
+                                        why="power-function EMA widths"),
         "log_every": rules.Int(ge=1),
         "sample_every": rules.Int(ge=0, why="0: no sample grids"),
         "checkpoint_every": rules.Int(ge=0, why="0: only at the end and when preempted"),
@@ -85,6 +88,8 @@ GENERAL_RULES: dict[str, dict[str, rules.Rule]] = {
         "sigmas": rules.Numbers(rules.Float(gt=SIGMA_MIN, lt=SIGMA_MAX), order="descending",
                                 why="the intermediate sigmas of the sampler of len(sigmas) + 1 >= 3 steps"),
         "ema_rate": rules.Float(ge=0, lt=1, special={-1.0: "the first EMA"}, why="0: the raw params"),
+        "ema_sigma_rel": rules.Float(ge=0, lt=phema.MAX_SIGMA_REL,
+                                     why="0: select by sampling.ema_rate; > 0: a power-function EMA"),
     },
     "eval": {
         "feature_extractor": rules.Choice(("digits", "inception")),
@@ -93,6 +98,14 @@ GENERAL_RULES: dict[str, dict[str, rules.Rule]] = {
         "at_end": rules.Flag(),
         "steps": rules.Numbers(rules.Int(ge=1), min_len=1, unique=True),
         "inception_dir": rules.Text(),
+    },
+    "edit": {  # --mode=edit (evaluation/edit.py checks the files when it runs)
+        "task": rules.Choice(lambda: __import__("consistency_jax.editing", fromlist=["TASKS"]).TASKS),
+        "images": rules.Text(),
+        "masks": rules.Text(),
+        "steps": rules.Int(ge=1),
+        "sigma_start": rules.Float(gt=SIGMA_MIN, le=SIGMA_MAX, special={-1.0: "the task's default"}),
+        "label": rules.Int(ge=0, special={-1: "the .npz's labels"}),
     },
     "mesh": {
         "data": rules.Int(ge=1, special={-1: "all remaining devices"}),
@@ -164,6 +177,10 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.sampling.ema_rate={sampling.ema_rate} is invalid: this run keeps the EMAs "
                           f"config.training.ema_rates={tuple(train.ema_rates)}; choose one of them, -1 (the first) "
                           f"or 0 (the raw params).")
+    if sampling.ema_sigma_rel and sampling.ema_sigma_rel not in tuple(train.ema_sigma_rels):
+        raise ConfigError(f"config.sampling.ema_sigma_rel={sampling.ema_sigma_rel} is invalid: this run keeps the "
+                          f"power-function EMAs config.training.ema_sigma_rels={tuple(train.ema_sigma_rels)}; choose "
+                          f"one of them, or 0 (select by config.sampling.ema_rate).")
     image = (config.data.image_size, config.data.num_channels)
     if config.eval.feature_extractor == "digits" and image != (8, 1):
         raise ConfigError(f"config.eval.feature_extractor='digits' scores 8x8 grayscale digits, but the data are "
@@ -213,7 +230,9 @@ class Experiment:
     def init_state(self, rng: jax.Array, teacher_params: Any | None) -> TrainState:
         params = self.method.init_params(self.init_params(rng), teacher_params)
         method_state = self.method.init_state(params, teacher_params)
-        return create_train_state(params, self.optimizer, len(self.config.training.ema_rates), rng, method_state)
+        train = self.config.training
+        num_emas = len(train.ema_rates) + len(train.ema_sigma_rels)
+        return create_train_state(params, self.optimizer, num_emas, rng, method_state)
 
     @functools.cached_property
     def teacher_shapes(self) -> Any | None:
@@ -262,7 +281,9 @@ def create_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Gr
     if opt.name == "radam":
         core = optax.radam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
     elif opt.name == "adamw":
-        core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+        # The frozen params (Fourier frequencies) have zero gradients; the mask keeps decay off them too.
+        core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                           mask=trainable_mask)
     else:
         core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
     if opt.grad_clip_norm > 0:

@@ -2,6 +2,8 @@
 
     python -m consistency_jax.main --config=configs/quickstart.py --workdir=/tmp/qs
     python -m consistency_jax.main --config=configs/quickstart.py --workdir=/tmp/qs --mode=sample
+    python -m consistency_jax.main --config=configs/quickstart.py --workdir=/tmp/qs --mode=edit \
+        --config.edit.task=inpaint --config.edit.images=digit.png --config.edit.masks=hole.png
     python -m consistency_jax.main --config=configs/cifar10_ict.py --workdir=... --config.training.batch_size=512
 """
 
@@ -22,9 +24,10 @@ from consistency_jax.errors import UserError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "edit"],
                   "train: train (resuming from the workdir); sample: write samples of a checkpoint to .npz "
-                  "and PNG; eval: write metrics of a checkpoint to JSON.")
+                  "and PNG; eval: write metrics of a checkpoint to JSON; edit: zero-shot editing of "
+                  "config.edit.images with a consistency model (results beside the images).")
 flags.DEFINE_integer("step", None, "Checkpoint step for sample/eval (default: the latest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM, clusters).")
 flags.DEFINE_string("coordinator_address", None,
@@ -106,7 +109,7 @@ def main(argv):
     except ValueError as e:
         fail(str(e), code=2)
     if FLAGS.mode == "train" and FLAGS.step is not None:
-        fail(f"--step={FLAGS.step} selects a checkpoint for --mode=sample and --mode=eval; --mode=train always "
+        fail(f"--step={FLAGS.step} selects a checkpoint for --mode=sample, eval and edit; --mode=train always "
              f"resumes from the newest intact checkpoint in the workdir.", code=2)
     # Imported after distributed start-up: nothing may touch the devices before it.
     from consistency_jax.experiment import ConfigError, validate_config
@@ -138,6 +141,14 @@ def main(argv):
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "sample":
             generate.run_sample(config, FLAGS.workdir, FLAGS.step)
+        elif FLAGS.mode == "edit":
+            from consistency_jax.evaluation import edit
+
+            try:
+                edit.check_edit_config(config)
+            except ConfigError as e:
+                fail(f"Invalid config: {e}", code=2)
+            edit.run_edit(config, FLAGS.workdir, FLAGS.step)
         else:
             generate.run_eval(config, FLAGS.workdir, FLAGS.step)
     except UserError as e:

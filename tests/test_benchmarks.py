@@ -49,6 +49,8 @@ def quickstart_result():
 def test_param_count_is_the_models(quickstart_result):
     config, result = quickstart_result
     assert result["param_count"] == model_param_count(config)
+    # The quickstart's Fourier frequencies (model_channels of them) are frozen: counted, but not trained.
+    assert result["trained_param_count"] == result["param_count"] - config.model.model_channels
 
 
 def test_throughput_follows_from_the_median_step_time(quickstart_result):

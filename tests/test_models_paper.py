@@ -12,14 +12,18 @@ import importlib.util
 import math
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from consistency_jax.models import create_model
+from consistency_jax import experiment, methods
+from consistency_jax.models import count_params, create_model, trainable_mask
 from consistency_jax.models.adm import ADM
 from consistency_jax.models.layers import (
+    FourierEmbedding,
     ResBlock,
     fir_downsample,
     fir_filter,
@@ -27,14 +31,16 @@ from consistency_jax.models.layers import (
     multi_head_attention,
 )
 from consistency_jax.models.ncsnpp import NCSNpp
+from consistency_jax.state import update_emas
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
-# Published / reference counts (BENCHMARKS.md: EDM SongUNet, the PyTorch peer).
-NCSNPP_CIFAR10_PARAMS = 56_395_523
-NCSNPP_JAX_REFERENCE_PARAMS = 56_395_651  # counts the 128 fixed Fourier frequencies as params
-DDPMPP_CIFAR10_PARAMS = 55_732_739
-SMALL_NCSNPP_PARAMS = 1_777_635
+# Published / reference counts. The CM JAX code counts NCSN++'s 128 Fourier frequencies (a frozen
+# param there and here); EDM's SongUNet (the PyTorch peer, BENCHMARKS.md) keeps them as a buffer.
+NCSNPP_CIFAR10_PARAMS = 56_395_651  # CM JAX (openai/consistency_models_cifar10)
+NCSNPP_CIFAR10_TRAINED_PARAMS = 56_395_523  # EDM SongUNet / BENCHMARKS.md
+DDPMPP_CIFAR10_PARAMS = 55_732_739  # positional embedding: no frequencies
+SMALL_NCSNPP_TRAINED_PARAMS = 1_777_635  # BENCHMARKS.md; plus 32 frozen frequencies
 ADM_IMAGENET64_PUBLISHED_PARAMS = 295.9e6  # EDM / CM, class-conditional ADM at 64x64
 
 DDPMPP = dict(embedding_type="positional", progressive_input="none", resample_filter=(1, 1))
@@ -195,15 +201,18 @@ def attention_params(c: int) -> int:
 
 
 def test_ncsnpp_cifar10_param_count():
-    """56,395,523 trainable: the JAX reference's 56,395,651 less its 128 fixed Fourier frequencies."""
-    n = count(param_shapes(NCSNpp(), (32, 32, 3)))
-    assert n == NCSNPP_CIFAR10_PARAMS
-    assert n + 128 == NCSNPP_JAX_REFERENCE_PARAMS
+    """56,395,651 as the CM JAX code counts: 56,395,523 trained (EDM's count) + 128 frozen frequencies."""
+    shapes = param_shapes(NCSNpp(), (32, 32, 3))
+    assert count(shapes) == NCSNPP_CIFAR10_PARAMS
+    assert count_params(shapes, trainable_only=True) == NCSNPP_CIFAR10_TRAINED_PARAMS
+    assert shapes["noise_embed"]["freqs"].shape == (128,)
 
 
 def test_ddpmpp_and_small_ncsnpp_param_counts_match_the_benchmark_peer():
     assert count(param_shapes(NCSNpp(**DDPMPP), (32, 32, 3))) == DDPMPP_CIFAR10_PARAMS
-    assert count(param_shapes(NCSNpp(**SMALL_NCSNPP), (32, 32, 3))) == SMALL_NCSNPP_PARAMS
+    small = param_shapes(NCSNpp(**SMALL_NCSNPP), (32, 32, 3))
+    assert count_params(small, trainable_only=True) == SMALL_NCSNPP_TRAINED_PARAMS
+    assert count(small) == SMALL_NCSNPP_TRAINED_PARAMS + 32
 
 
 def test_ncsnpp_deep_adds_exactly_the_extra_blocks():
@@ -235,6 +244,146 @@ def test_adm_deep_adds_exactly_the_extra_blocks():
             per_level += 2 * attention_params(channels)
         extra += 3 * per_level
     assert deep - base == extra
+
+
+# ----------------------------------------------------------------------------- initialisation (iCT issue items 2, 3)
+
+
+def uniform_bound_and_variance(kernel) -> tuple[float, float]:
+    kernel = np.asarray(kernel, np.float64)
+    return float(np.abs(kernel).max()), float(kernel.var())
+
+
+@pytest.fixture(scope="module")
+def tiny_ncsnpp_init():
+    """Freshly initialised tiny NCSN++ params (attention at 4x4 with C = 32; 16 Fourier frequencies)."""
+    return jitted_init(NCSNpp(**TINY_NCSNPP, fourier_scale=2.0), (8, 8, 3))
+
+
+def jitted_init(model, image_shape, with_labels=False):
+    """model.init compiled as one program: eager init compiles every op on its own (several times slower)."""
+    labels = jnp.zeros((1,), jnp.int32) if with_labels else None
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *image_shape)), jnp.zeros((1,)), labels,
+                                          train=False)["params"])
+    return init(jax.random.key(0))
+
+
+def test_ncsnpp_attention_qkv_init_is_cm_jax_nin(tiny_ncsnpp_init):
+    """q, k, v ~ U with variance 0.1 / C, as CM JAX's NIN(C) (variance_scaling(0.1, fan_avg, uniform) on a
+    [C, C] kernel, jcm/models/layers.py) and EDM SongUNet's xavier_uniform * sqrt(0.2) on the fused [C, 3C]."""
+    kernel = np.asarray(tiny_ncsnpp_init["enc4_attn0"]["qkv"]["kernel"])
+    channels = kernel.shape[0]
+    assert kernel.shape == (channels, 3 * channels) and channels == 32
+    for block in np.split(kernel, 3, axis=1):  # q, k, v
+        bound, variance = uniform_bound_and_variance(block)
+        expected_bound = math.sqrt(3 * 0.1 / channels)  # U(-b, b) has variance b^2 / 3
+        assert 0.97 * expected_bound < bound <= expected_bound
+        assert variance == pytest.approx(0.1 / channels, rel=0.1)
+
+
+def test_adm_init_follows_pytorch_defaults_and_unit_label_embedding():
+    """ADM (cm/unet.py): nn.Embedding rows ~ N(0, 1); the fused qkv keeps PyTorch's U(+-1/sqrt(fan_in))."""
+    params = jitted_init(ADM(**TINY_ADM), (8, 8, 3), with_labels=True)
+    table = np.asarray(params["label_embed"]["embedding"], np.float64)
+    assert table.shape == (11, 128)
+    assert table.std() == pytest.approx(1.0, rel=0.1) and abs(table.mean()) < 0.1
+    kernel = np.asarray(params["enc4_attn0"]["qkv"]["kernel"])
+    bound, _ = uniform_bound_and_variance(kernel)
+    assert 0.97 / math.sqrt(kernel.shape[0]) < bound <= 1 / math.sqrt(kernel.shape[0])
+
+
+# ----------------------------------------------------------------------------- frozen Fourier frequencies (item 8)
+
+
+def test_fourier_frequencies_are_params_drawn_from_the_init_rng(tiny_ncsnpp_init):
+    freqs = np.asarray(tiny_ncsnpp_init["noise_embed"]["freqs"])
+    assert freqs.shape == (16,) and freqs.dtype == np.float32  # model_channels of them
+    assert 1.0 < freqs.std() < 3.0  # N(0, scale^2) with scale 2
+    embed = FourierEmbedding(8, scale=2.0)
+    labels = jnp.array([-1.5, 0.3])
+    draws = [np.asarray(embed.init(jax.random.key(k), labels)["params"]["freqs"]) for k in (0, 1)]
+    assert not np.array_equal(*draws)
+    # The features use the stored frequencies, whatever they are (e.g. converted from EDM's `freqs` buffer).
+    stored = np.array([0.3, -1.2, 2.5, 7.0], np.float32)
+    angles = 2 * np.pi * np.asarray(labels)[:, None] * stored[None, :]
+    np.testing.assert_allclose(embed.apply({"params": {"freqs": stored}}, labels),
+                               np.concatenate([np.cos(angles), np.sin(angles)], -1), atol=1e-5)
+
+
+class _EmbedThenDense(nn.Module):
+    @nn.compact
+    def __call__(self, noise_labels):
+        return nn.Dense(4, name="dense")(FourierEmbedding(8, scale=2.0, name="noise_embed")(noise_labels))
+
+
+def test_fourier_frequencies_get_exactly_zero_gradient_and_never_move():
+    model, labels = _EmbedThenDense(), jnp.array([-1.5, 0.3, 1.0])
+    params = model.init(jax.random.key(0), labels)["params"]
+    grad_fn = jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, labels))))
+    grads = grad_fn(params)
+    assert np.all(np.asarray(grads["noise_embed"]["freqs"]) == 0)
+    assert float(jnp.abs(grads["dense"]["kernel"]).max()) > 0
+    mask = trainable_mask(params)
+    assert mask["noise_embed"]["freqs"] is False and mask["dense"]["kernel"] is True
+
+    # Every optimizer, with weight decay and clipping, leaves them bit for bit; so do the EMAs.
+    for name, decay in (("adam", 0.0), ("radam", 0.0), ("adamw", 0.1)):
+        opt_config = load_config("cifar10_ict").optimizer
+        opt_config.update(dict(name=name, weight_decay=decay, grad_clip_norm=1.0, learning_rate=1e-2))
+        optimizer = experiment.create_optimizer(opt_config, num_steps=10)
+        state, current, emas = optimizer.init(params), params, (params,)
+        for _ in range(3):
+            updates, state = optimizer.update(grad_fn(current), state, current)
+            current = optax.apply_updates(current, updates)
+            emas = update_emas(emas, current, (0.9,))
+        np.testing.assert_array_equal(current["noise_embed"]["freqs"], params["noise_embed"]["freqs"], name)
+        np.testing.assert_array_equal(emas[0]["noise_embed"]["freqs"], params["noise_embed"]["freqs"], name)
+        assert not np.array_equal(current["dense"]["kernel"], params["dense"]["kernel"]), name
+
+
+def test_emas_of_a_constant_stay_bit_identical():
+    """The form ema + (1 - r)(p - ema): rate * ema + (1 - rate) * p drifts by rounding (seen at r = 0.9)."""
+    constant = jax.random.normal(jax.random.key(0), (4096,)) * 0.02
+    emas = (constant, constant)
+    step = jax.jit(lambda e: update_emas(e, constant, (0.9, 0.99993)))
+    for _ in range(20):
+        emas = step(emas)
+    for ema in emas:
+        np.testing.assert_array_equal(ema, constant)
+
+
+def test_cifar10_ict_noise_embedding_input_is_the_cm_jax_formula():
+    """CM JAX (jcm/models/utils.py) feeds 0.25 * log(sigma) into GaussianFourierProjection(scale=...), whose
+    features are [sin, cos](2 pi t W) with W ~ N(0, scale^2); iCT's scale is 0.02."""
+    config = load_config("cifar10_ict")
+    config.model.update(dict(channel_mult=(1,), num_res_blocks=1, attn_resolutions=()))  # small, same embedding
+    fn = methods.get_method(config.method.name).make_function(config, create_model(config.model))
+    params = jax.jit(lambda key: fn.init(key, (4, 4, 3), False))(jax.random.key(0))
+    freqs = np.asarray(params["noise_embed"]["freqs"], np.float64)
+    assert freqs.shape == (128,) and 0.015 < freqs.std() < 0.025  # N(0, 0.02^2)
+
+    @jax.jit
+    def embedding_input_and_output(params, sigma):
+        captured = {}
+
+        def capture(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if isinstance(context.module, FourierEmbedding) and context.method_name == "__call__":
+                captured["input"], captured["features"] = args[0], out
+            return out
+
+        with nn.intercept_methods(capture):
+            fn(params, jnp.zeros((3, 4, 4, 3)), sigma)
+        return captured["input"], captured["features"]
+
+    sigma = np.array([0.002, 0.5, 80.0])
+    embedding_input, features = embedding_input_and_output(params, jnp.asarray(sigma, jnp.float32))
+    cond_t = 0.25 * np.log(sigma)  # CM JAX's cond_t
+    np.testing.assert_allclose(embedding_input, cond_t, rtol=1e-6)
+    angles = 2 * np.pi * cond_t[:, None] * freqs[None, :]
+    # Same features as CM JAX's [sin, cos] up to the order of the halves (EDM's order, cos first).
+    np.testing.assert_allclose(features, np.concatenate([np.cos(angles), np.sin(angles)], -1),
+                               atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- forward passes

@@ -9,23 +9,35 @@ c_noise(sigma) values [B], and `class_labels` int32 [B] or None (the value
 `num_classes` is the null class kept for classifier-free guidance). The module
 never knows which method trains it; the other fields of `config.model` are the
 module's own dataclass fields.
+
+Some params are constants of the network (the Fourier frequencies): they are
+stored with the others but never trained; `trainable_mask` tells them apart
+(layers.FROZEN_PARAM_NAMES says why they live in 'params').
+
+A network whose params must stay on a constraint set after every optimizer step
+(EDM2's forced weight normalisation) defines a static `project_params(params)`;
+`project_params` below applies it (Method.update calls it), other networks
+leave the params as they are.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
 
 from consistency_jax import config_rules as rules
 from consistency_jax.config_rules import ConfigError
+from consistency_jax.models.layers import FROZEN_PARAM_NAMES
 
 
 def _registry() -> dict[str, type[nn.Module]]:
     # Imported here so that importing the package does not build every network.
-    from consistency_jax.models import adm, ncsnpp
+    from consistency_jax.models import adm, edm2, ncsnpp
 
-    return {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM}
+    return {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM, "edm2": edm2.EDM2UNet}
 
 
 def model_names() -> list[str]:
@@ -101,7 +113,27 @@ _MODEL_RULES = {
                "skip_rescale": rules.Flag()},
     "adm": {**_UNET_RULES,
             "num_head_channels": rules.Int(ge=1),
-            "scale_shift_norm": rules.Flag()},
+            "scale_shift_norm": rules.Flag(),
+            "resblock_updown": rules.Flag()},
+    "edm2": {
+        "model_channels": rules.Int(ge=1),
+        "channel_mult": rules.Numbers(rules.Int(ge=1), min_len=1),
+        "channel_mult_noise": rules.Int(ge=0, why="0: channel_mult[0]"),
+        "channel_mult_emb": rules.Int(ge=0, why="0: max(channel_mult)"),
+        "num_blocks": rules.Int(ge=1),
+        "attn_resolutions": rules.Numbers(rules.Int(ge=1), unique=True),
+        "channels_per_head": rules.Int(ge=1),
+        "label_balance": rules.Float(ge=0, le=1),
+        "concat_balance": rules.Float(ge=0, le=1),
+        "res_balance": rules.Float(ge=0, le=1),
+        "attn_balance": rules.Float(ge=0, le=1),
+        "clip_act": rules.Float(gt=0),
+        "dropout": rules.Float(ge=0, lt=1),
+        "dropout_res": rules.Int(ge=0, why="0: dropout at every resolution"),
+        "num_classes": rules.Int(ge=0),
+        "dtype": rules.Choice(("float32", "bfloat16")),
+        "remat": rules.Flag(),
+    },
 }
 
 
@@ -132,3 +164,30 @@ def check_model_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 f"config.model.attn_resolutions={tuple(model.attn_resolutions)} names resolutions the network "
                 f"does not have: {unused}; with {size}x{size} images and {levels} levels they are {resolutions}.")
+
+
+def project_params(model: nn.Module | None, params: Any) -> Any:
+    """The network's projection of its params after an optimizer step, if it has one (EDM2's forced WN)."""
+    project = getattr(model, "project_params", None)
+    return project(params) if project is not None else params
+
+
+def trainable_mask(params: Any) -> Any:
+    """A pytree of bools like `params`: False for the frozen params (layers.FROZEN_PARAM_NAMES).
+
+    For optax masks (e.g. adamw's weight decay): a frozen param already has a
+    zero gradient, but a transformation that adds a multiple of the param
+    itself would still move it.
+    """
+    def trainable(path, _) -> bool:
+        last = path[-1] if path else None
+        return getattr(last, "key", None) not in FROZEN_PARAM_NAMES
+
+    return jax.tree_util.tree_map_with_path(trainable, params)
+
+
+def count_params(params: Any, *, trainable_only: bool = False) -> int:
+    """Number of scalars in `params`; with trainable_only, without the frozen ones."""
+    leaves = jax.tree_util.tree_leaves(params)
+    flags = jax.tree_util.tree_leaves(trainable_mask(params)) if trainable_only else [True] * len(leaves)
+    return sum(math.prod(leaf.shape) for leaf, keep in zip(leaves, flags) if keep)

@@ -10,13 +10,35 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class FourierEmbedding(nn.Module):
-    """Random Fourier features of the noise label (NCSN++ / iCT).
+# Names of params that are constants of the network: they live in the 'params'
+# collection, so they are drawn from the init rng, checkpointed, restored,
+# sharded and converted from other code bases like every other weight, but the
+# module reads them through jax.lax.stop_gradient (their gradient is exactly 0,
+# so Adam/RAdam updates are exactly 0) and `models.trainable_mask` keeps them out
+# of weight decay. The CM JAX code keeps its Fourier frequencies the same way
+# (a param under stop_gradient), which is why its NCSN++ counts 56,395,651
+# parameters; EDM's PyTorch networks store them as buffers (`freqs`).
+# Chosen over a separate non-trainable collection: every consumer of the params
+# (train state, EMAs, checkpoints, FSDP rules, teachers, conversion) handles
+# them with no extra code path.
+FROZEN_PARAM_NAMES = frozenset({"freqs", "phases"})  # phases: EDM2's MPFourier (models/edm2.py)
 
-    The frequencies are fixed, not trained: they are drawn from a fixed key at
-    trace time, so they are a compile-time constant and not part of the params.
-    iCT uses scale 0.02 on CIFAR-10 instead of the original 16: lower
-    sensitivity to the exact noise level.
+
+def frozen_param(module: nn.Module, name: str, init: Callable[..., jax.Array], shape: tuple[int, ...]) -> jax.Array:
+    """A float32 param of `module` that is never trained (see FROZEN_PARAM_NAMES)."""
+    if name not in FROZEN_PARAM_NAMES:
+        raise ValueError(f"Frozen params must be named one of {sorted(FROZEN_PARAM_NAMES)}, got {name!r}.")
+    return jax.lax.stop_gradient(module.param(name, init, shape, jnp.float32))
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features [cos(2 pi c f), sin(2 pi c f)] of the noise label c (NCSN++ / iCT).
+
+    The frequencies f ~ N(0, scale^2) are the frozen param `freqs` (see
+    FROZEN_PARAM_NAMES), drawn from the init rng. iCT lowers the scale from 16
+    to 0.02 on CIFAR-10 (lower sensitivity to the exact noise level), with the
+    CM JAX code's noise label c = ln(sigma) / 4 (c_noise='edm'): its
+    jcm/models/utils.py passes 0.25 * log(sigma) straight into the projection.
     """
 
     features: int
@@ -24,30 +46,39 @@ class FourierEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, noise_labels: jax.Array) -> jax.Array:
-        freqs = self.scale * jax.random.normal(jax.random.PRNGKey(0), (self.features // 2,), jnp.float32)
+        freqs = frozen_param(self, "freqs", nn.initializers.normal(self.scale), (self.features // 2,))
         angles = 2 * math.pi * noise_labels[:, None].astype(jnp.float32) * freqs[None, :]
         return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
 class PositionalEmbedding(nn.Module):
-    """Transformer-style sinusoidal embedding of the noise label (DDPM++ / ADM)."""
+    """Transformer-style sinusoidal embedding of the noise label (DDPM++ / ADM), [cos, sin].
+
+    Frequencies max_positions^(-i / half) for i < half (ADM's timestep_embedding);
+    with `endpoint` max_positions^(-i / (half - 1)), so the last one is exactly
+    1 / max_positions: DDPM++ (score_sde's get_timestep_embedding, EDM's
+    PositionalEmbedding(endpoint=True) in SongUNet).
+    """
 
     features: int
     max_positions: int = 10000
+    endpoint: bool = False
 
     @nn.compact
     def __call__(self, noise_labels: jax.Array) -> jax.Array:
         half = self.features // 2
-        freqs = jnp.exp(-math.log(self.max_positions) * jnp.arange(half, dtype=jnp.float32) / half)
+        steps = jnp.arange(half, dtype=jnp.float32) / (half - 1 if self.endpoint else half)
+        freqs = (1 / self.max_positions) ** steps
         angles = noise_labels[:, None].astype(jnp.float32) * freqs[None, :]
         return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def noise_embedding(kind: str, features: int, fourier_scale: float) -> nn.Module:
+def noise_embedding(kind: str, features: int, fourier_scale: float, name: str | None = None, *,
+                    positional_endpoint: bool = False) -> nn.Module:
     if kind == "fourier":
-        return FourierEmbedding(features, scale=fourier_scale)
+        return FourierEmbedding(features, scale=fourier_scale, name=name)
     if kind == "positional":
-        return PositionalEmbedding(features)
+        return PositionalEmbedding(features, endpoint=positional_endpoint, name=name)
     raise ValueError(f"Unknown noise embedding {kind!r}; valid: 'fourier', 'positional'.")
 
 
@@ -63,6 +94,9 @@ fan_avg_uniform: Initializer = nn.initializers.variance_scaling(1.0, "fan_avg", 
 # PyTorch's default conv/linear init, as in ADM: U(+-1/sqrt(fan_in)).
 torch_default_uniform: Initializer = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 zeros_init: Initializer = nn.initializers.zeros
+# PyTorch's nn.Embedding default, N(0, 1): ADM's label embedding (CM's cm/unet.py,
+# EDM's DhariwalUNet map_label). Flax's nn.Embed default is N(0, 1/features).
+unit_normal: Initializer = nn.initializers.normal(1.0)
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -244,6 +278,8 @@ class AttentionBlock(nn.Module):
     eps: float = 1e-6
     attention_impl: str = "xla"
     kernel_init: Initializer = fan_avg_uniform
+    # Init of the fused [C, 3C] q/k/v kernel; None: kernel_init.
+    qkv_init: Initializer | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -253,7 +289,7 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"{channels} channels do not split into {self.num_heads} attention heads.")
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
         h = group_norm(channels, self.eps, self.dtype, name="norm")(x)
-        qkv = dense(3 * channels, kernel_init=self.kernel_init, name="qkv")(h)
+        qkv = dense(3 * channels, kernel_init=self.qkv_init or self.kernel_init, name="qkv")(h)
         qkv = qkv.reshape(batch, height * width, 3, self.num_heads, channels // self.num_heads)
         out = multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
         out = dense(channels, kernel_init=zeros_init, name="proj")(out.reshape(batch, height, width, channels))

@@ -9,14 +9,24 @@ level), Fourier features of the noise label, dropout. It is also EDM's
 `SongUNet` (encoder 'residual', decoder 'standard'), whose layer order this
 follows block for block.
 
-Parameter count at the defaults: 56,395,523 trainable parameters. The JAX
-reference reports 56,395,651 because its Gaussian Fourier projection stores
-its 128 fixed frequencies as a parameter; here (as in EDM's SongUNet, the
-PyTorch peer in BENCHMARKS.md) they are a constant, since nothing trains them.
+Parameter count at the defaults: 56,395,651, as the CM JAX code reports:
+56,395,523 trained ones plus the 128 Fourier frequencies, a frozen param
+(layers.FROZEN_PARAM_NAMES; EDM's SongUNet, the PyTorch peer in
+BENCHMARKS.md, keeps them as a buffer and counts 56,395,523).
+
+Initialisation follows the CM JAX code (jcm/models/layerspp.py, layers.py):
+fan-average uniform ("DDPM init") everywhere, zeros for the last conv of each
+block and of the output, and variance 0.1 / C for the q, k, v projections of
+attention (NIN init_scale 0.1), which is also EDM SongUNet's `init_attn`
+(xavier_uniform with weight sqrt(0.2) on its fused qkv conv).
 
 DDPM++ (the network ECT fine-tunes, 55,732,739 parameters) is the same module
 with `embedding_type='positional'`, `progressive_input='none'` and
-`resample_filter=(1, 1)` (average-pool down, nearest up).
+`resample_filter=(1, 1)` (average-pool down, nearest up). Its positional
+embedding is score_sde's / SongUNet's (frequencies 10000^(-i / (half - 1))),
+not ADM's; both embeddings feed [sin, cos] to the MLP, as SongUNet does.
+EDM's released DDPM++ and NCSN++ networks convert onto this module
+(`python -m consistency_jax.convert`, tests/test_convert.py checks the parity).
 
 Class conditioning (EDM style): a label embedding of num_classes + 1 rows (the
 last is the null class, for guidance) is added to the noise features before
@@ -45,6 +55,10 @@ from consistency_jax.models.layers import (
 )
 
 _EPS = 1e-6  # GroupNorm epsilon of score_sde (Flax default) and EDM's SongUNet
+# q/k/v init. On the fused [C, 3C] kernel fan_avg = 2C, so scale 0.2 gives
+# variance 0.1 / C per projection: CM JAX's NIN(C) (init_scale 0.1, fan_avg C)
+# and EDM SongUNet's xavier_uniform * sqrt(0.2) on its fused qkv conv.
+_QKV_INIT = nn.initializers.variance_scaling(0.2, "fan_avg", "uniform")
 
 
 class NCSNpp(nn.Module):
@@ -58,7 +72,7 @@ class NCSNpp(nn.Module):
     # 'fourier' (NCSN++; 2 * model_channels features) or 'positional' (DDPM++;
     # model_channels features), as in score_sde.
     embedding_type: str = "fourier"
-    fourier_scale: float = 16.0  # 16 in the CM code; iCT lowers it (see configs/cifar10_ict.py)
+    fourier_scale: float = 16.0  # 16 in the CM code; iCT: 0.02 on c_noise = ln(sigma)/4 (configs/cifar10_ict.py)
     resample_filter: tuple[int, ...] = (1, 3, 3, 1)
     progressive_input: str = "residual"  # 'residual' (NCSN++) or 'none' (DDPM++)
     skip_rescale: bool = True  # scale every residual sum by 1/sqrt(2)
@@ -83,7 +97,7 @@ class NCSNpp(nn.Module):
             deterministic=not train, kernel_init=fan_avg_uniform, dtype=dtype)
         attention = functools.partial(attn_cls, num_heads=1, skip_scale=skip_scale, eps=_EPS,
                                       attention_impl=self.attention_impl, kernel_init=fan_avg_uniform,
-                                      dtype=dtype)
+                                      qkv_init=_QKV_INIT, dtype=dtype)
         conv = functools.partial(nn.Conv, dtype=dtype, param_dtype=jnp.float32, kernel_init=fan_avg_uniform)
 
         # Encoder. `aux` is the progressive input: the image, downsampled by a
@@ -137,7 +151,11 @@ class NCSNpp(nn.Module):
         """SiLU(MLP(noise features + label embedding)): the vector every res block reads."""
         num_features = 2 * self.model_channels if self.embedding_type == "fourier" else self.model_channels
         # The sinusoids stay float32 whatever the compute dtype: their arguments can be large.
-        emb = noise_embedding(self.embedding_type, num_features, self.fourier_scale)(noise_labels)
+        emb = noise_embedding(self.embedding_type, num_features, self.fourier_scale,
+                              name="noise_embed", positional_endpoint=True)(noise_labels)
+        # [cos, sin] -> [sin, cos]: the feature order of score_sde and of EDM's SongUNet
+        # ("swap sin/cos" after map_noise), so that converted EDM weights apply as they are.
+        emb = jnp.concatenate([emb[:, num_features // 2:], emb[:, :num_features // 2]], axis=-1)
         if self.num_classes > 0:
             emb = emb + nn.Embed(self.num_classes + 1, num_features, name="label_embed")(class_labels)
         dense = functools.partial(nn.Dense, 4 * self.model_channels, dtype=dtype, param_dtype=jnp.float32,
