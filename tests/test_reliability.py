@@ -308,10 +308,14 @@ def test_samplers_refuse_non_finite_output(tmp_path):
     assert not glob.glob(os.path.join(chunk_dir, "*.npz"))
 
 
-def test_a_truncated_npz_dataset_is_named(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "not_a_zip"])
+def test_a_truncated_npz_dataset_is_named(tmp_path, damage):
     path = tmp_path / "data.npz"
     np.savez(path, images=np.zeros((20, 8, 8, 1), np.uint8))
-    open(path, "r+b").truncate(os.path.getsize(path) // 2)
+    if damage == "truncated":
+        open(path, "r+b").truncate(os.path.getsize(path) // 2)
+    else:  # numpy's own message would be about unpickling
+        path.write_text("not an archive\n")
     config = tiny_config()
     config.data.name, config.data.path = "npz", str(path)
     with pytest.raises(errors.FileReadError, match=f"data.path: the .npz {path} .* cannot be read"):

@@ -256,8 +256,8 @@ def _load_npz(
 
 
 def _read_npz_arrays(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    if not zipfile.is_zipfile(path):  # numpy would try to unpickle it and say so
-        raise DataConfigError(f"data.path={path!r} is not an .npz file (an .npz is a zip archive of arrays).")
+    if not zipfile.is_zipfile(path):  # numpy would try to unpickle it and say so; read_file names the file
+        raise ValueError("not a zip archive (an .npz is a zip archive of arrays)")
     with np.load(path) as archive:
         if "images" not in archive.files:
             raise DataConfigError(
