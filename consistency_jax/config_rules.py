@@ -122,6 +122,7 @@ class Choice(Rule):
     """One of a fixed list of values (or of what a registry function returns)."""
 
     values: Sequence[Any] | Callable[[], Sequence[Any]]
+    why: str = ""  # appended to the message, e.g. why a well-known value is not among them
 
     def _values(self):
         return tuple(self.values() if callable(self.values) else self.values)
@@ -129,7 +130,7 @@ class Choice(Rule):
     def problem(self, value, config):
         values = self._values()
         return None if value in values and type(value) is type(values[0]) else \
-            f"must be one of {', '.join(repr(v) for v in values)}"
+            f"must be one of {', '.join(repr(v) for v in values)}" + (f" ({self.why})" if self.why else "")
 
     def invalid_examples(self, value, config):
         return ["no-such-choice"] if isinstance(value, str) else []

@@ -131,6 +131,7 @@ def validate_config(config: ml_collections.ConfigDict, mode: str = "train") -> N
         mesh = parallel.create_mesh(config.mesh)  # the mesh fits this machine's devices
         if mode == "train":
             parallel.check_batch_size(config.training.batch_size, mesh)
+        if mode == "train" and config.data.name in sources.IN_MEMORY_DATASETS:  # counted without TFDS metadata
             examples = pipeline.dataset_info(config.data).num_examples
             if examples < config.training.batch_size:
                 raise ConfigError(f"config.training.batch_size={config.training.batch_size} is more than the "
