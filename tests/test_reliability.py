@@ -308,6 +308,26 @@ def test_samplers_refuse_non_finite_output(tmp_path):
     assert not glob.glob(os.path.join(chunk_dir, "*.npz"))
 
 
+def test_edit_mode_refuses_non_finite_output(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from consistency_jax.evaluation import edit as edit_files
+
+    config = tiny_config()
+    workdir = str(tmp_path / "run")
+    exp = experiment.create_experiment(config, jax.devices()[:1])
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+    checkpointer.save(1, exp.create_state(), {}, force=True)
+    checkpointer.close()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "digit.png")
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "hole.png")
+    config.edit.images, config.edit.masks, config.edit.steps = str(tmp_path / "digit.png"), str(tmp_path / "hole.png"), 2
+    monkeypatch.setattr(edit_files.editing, "edit", lambda fn, params, rng, y, *args: y * jnp.nan)  # broken weights
+    with pytest.raises(generate.NonFiniteSamplesError, match="inpaint edit produced NaN/inf values"):
+        edit_files.run_edit(config, workdir)
+    assert not glob.glob(str(tmp_path / "digit_inpaint*"))
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not_a_zip"])
 def test_a_truncated_npz_dataset_is_named(tmp_path, damage):
     path = tmp_path / "data.npz"
