@@ -51,6 +51,21 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or not any(p in record.pathname for p in self._NOISY)
 
 
+def _drop_closed_loop_callbacks(original):
+    """sys.excepthook without the 'Event loop is closed' tracebacks of tensorstore writes that outlive a failed save.
+
+    When a background save fails (a full disk), orbax closes its event loop while
+    tensorstore still completes the other writes; each completion prints a
+    traceback from C (hundreds of them) before the one-line error of the run.
+    """
+    def hook(kind, value, traceback):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        original(kind, value, traceback)
+
+    return hook
+
+
 # Write errors that mean "no room": the run stops with one line, and the same command resumes it later.
 _STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -103,6 +118,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"Unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).", code=2)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.excepthook = _drop_closed_loop_callbacks(sys.excepthook)
     try:
         parallel.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                                               FLAGS.process_id)
