@@ -308,6 +308,7 @@ def test_samplers_refuse_non_finite_output(tmp_path):
     assert not glob.glob(os.path.join(chunk_dir, "*.npz"))
 
 
+@pytest.mark.slow  # a state, a checkpoint and the edit's compile (~40 s on a loaded 2-core host); -m slow
 def test_edit_mode_refuses_non_finite_output(tmp_path, monkeypatch):
     from PIL import Image
 
