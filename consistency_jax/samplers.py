@@ -56,18 +56,24 @@ def consistency_sample(fn: NetworkFunction, params: Any, rng: jax.Array, shape: 
 def sampling_sigmas(config: ml_collections.ConfigDict, num_steps: int) -> tuple[float, ...]:
     """The sigmas of an n-step sampler: sigma_max, then the config's intermediate sigmas.
 
-    1 step: (sigma_max,). 2 steps: (sigma_max, sampling.mid_sigma). More steps
-    take their intermediate sigmas from `sampling.sigmas` (descending).
+    Each step count reads only its own setting: 1 step (sigma_max,); 2 steps
+    (sigma_max, sampling.mid_sigma); n >= 3 steps (sigma_max, *sampling.sigmas)
+    with n - 1 sigmas in sampling.sigmas. So a 3-step sampler never disturbs
+    the 2-step one that the evaluation runs beside it.
     """
     sigma_max = config.parametrization.sigma_max
+    if num_steps < 1:
+        raise ValueError(f"A sampler needs at least 1 step, got {num_steps}.")
     if num_steps == 1:
         return (sigma_max,)
-    if num_steps == 2 and not config.sampling.sigmas:
+    if num_steps == 2:
         return (sigma_max, config.sampling.mid_sigma)
     mids = tuple(config.sampling.sigmas)
     if len(mids) != num_steps - 1:
-        raise ValueError(f"A {num_steps}-step sampler needs {num_steps - 1} intermediate sigmas in "
-                         f"config.sampling.sigmas, got {mids}.")
+        raise ValueError(f"A {num_steps}-step sampler takes its {num_steps - 1} intermediate sigmas from "
+                         f"config.sampling.sigmas, which holds {len(mids)}: {mids}. Set "
+                         f"--config.sampling.sigmas='({', '.join(['s'] * (num_steps - 1))})' (descending, between "
+                         f"parametrization.sigma_min and sigma_max).")
     return (sigma_max, *mids)
 
 

@@ -23,13 +23,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from consistency_jax import checkpointing, methods, parallel
-from consistency_jax.models import create_model
+from consistency_jax.errors import UserError
+from consistency_jax import models
 from consistency_jax.parametrization import NetworkFunction
 
 SNAPSHOT_NAME = "teacher_config.json"
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """The teacher named by config.method.teacher_workdir cannot be used; the message says why."""
 
 
@@ -79,7 +80,7 @@ def _read_config(path: str) -> ml_collections.ConfigDict:
 
 def teacher_function(teacher: ml_collections.ConfigDict) -> NetworkFunction:
     """The teacher's network in the parametrization of the method that trained it."""
-    model = create_model(teacher.model)
+    model = models.create_model_for(teacher)
     return methods.get_method(teacher.method.name).make_function(teacher, model)
 
 
@@ -103,6 +104,9 @@ def load_params(config: ml_collections.ConfigDict, teacher: ml_collections.Confi
     """The teacher's params (the EMA `teacher_ema_rate` picks), sharded over `mesh` like params."""
     fields = config.method
     directory = os.path.join(fields.teacher_workdir, "checkpoints")
+    if not os.path.isdir(directory):  # a read-only Checkpointer refuses a missing directory with its own error
+        raise TeacherError(f"config.method.teacher_workdir={fields.teacher_workdir!r} has no checkpoint in "
+                           f"{directory}.")
     checkpointer = checkpointing.Checkpointer(directory, read_only=True)
     try:
         steps = checkpointer.all_steps()

@@ -21,9 +21,11 @@ import optax
 from absl import logging
 
 from consistency_jax import checkpointing, parallel, teachers
+from consistency_jax import workdir as workdir_lib
 from consistency_jax.data import pipeline
+from consistency_jax.errors import UserError
 from consistency_jax.evaluation import generate
-from consistency_jax.experiment import Experiment, create_experiment, validate_config
+from consistency_jax.experiment import ConfigError, Experiment, create_experiment, validate_config
 from consistency_jax.methods.base import Method
 from consistency_jax.state import TrainState, ema_decays, update_emas
 from consistency_jax.visualization import save_image_grid
@@ -107,8 +109,8 @@ class MetricsLog:
             self._events.flush()
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss or gradient norm became NaN/inf; the run stops without applying or saving that step."""
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -152,28 +154,24 @@ class _SigtermFlag:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (resuming from the workdir's latest checkpoint if any) and evaluates at the end."""
-    validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    """Trains (resuming from the workdir's latest intact checkpoint if any) and evaluates at the end."""
+    validate_config(config, "train")
+    workdir_lib.check_usable(workdir)
     experiment = create_experiment(config, workdir=workdir)
     train = config.training
-    log = MetricsLog(workdir)
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                               keep=train.keep_checkpoints, keep_every=train.keep_every)
-    data = pipeline.create_train_iterator(config.data, global_batch_size=train.batch_size, seed=config.seed)
-
-    if checkpointer.latest_step() is not None:
-        step, state, data_state = checkpointer.restore(experiment.abstract_state())
-        data.set_state(data_state)
-        logging.info("Resumed from the checkpoint at step %d in %s.", step, workdir)
-    else:
-        state = experiment.create_state()
+    try:
+        state, data = _resume_or_start(experiment, checkpointer, workdir)
+    except BaseException:
+        checkpointer.close()
+        raise
     if experiment.teacher_config is not None:
         teachers.save_snapshot(experiment.teacher_config, workdir)
     step = int(state.step)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    if step < train.num_steps and jax.process_index() == 0:
+        workdir_lib.record_config(workdir, config, step)
+    log = MetricsLog(workdir)
 
     train_step_fn = jit_train_step(experiment)
     sigterm = _SigtermFlag()
@@ -195,14 +193,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             pending = (step, metrics)
             at_end = step == train.num_steps
             stop = sigterm.raised or checkpointer.reached_preemption(step)
-            if step % train.log_every == 0 or at_end or stop:
+            if _every(step, train.log_every) or at_end or stop:
                 window.append(_fetch(*pending))
                 pending = None
                 window_start = _log_window(log, step, train.num_steps, window, window_start, untimed)
                 window, untimed = [], 0
-            if train.sample_every and (step % train.sample_every == 0 or at_end):
+            checkpointer.check_for_errors()  # a failed background save stops the run within a step
+            if train.sample_every and (_every(step, train.sample_every) or at_end):
                 _write_sample_grid(experiment, state, workdir, step)
-            if step % train.checkpoint_every == 0 or at_end or stop:
+            if _every(step, train.checkpoint_every) or at_end or stop:
                 if pending is not None:
                     window.append(_fetch(*pending))
                     pending = None
@@ -210,18 +209,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if stop:
                 logging.warning("Preempted: checkpoint written at step %d; exiting.", step)
                 break
-            if config.eval.every_steps and step % config.eval.every_steps == 0 and not at_end:
+            if _every(step, config.eval.every_steps) and not at_end:
                 _evaluate(experiment, state, workdir, step, log, with_baselines=False)
     finally:
         sigterm.restore()
-        checkpointer.wait()
-        checkpointer.close()
+        checkpointer.close()  # waits for the last save; raises if it failed
         log.flush()
 
     if config.eval.at_end and step == train.num_steps and not sigterm.raised:
         _evaluate(experiment, state, workdir, step, log, with_baselines=True)
         log.flush()
     return state
+
+
+def _every(step: int, interval: int) -> bool:
+    """Whether a periodic action with this interval falls on `step`; an interval of 0 never does."""
+    return interval > 0 and step % interval == 0
+
+
+def _resume_or_start(experiment: Experiment, checkpointer: checkpointing.Checkpointer,
+                     workdir: str) -> tuple[TrainState, pipeline.TrainIterator]:
+    """The state and data iterator to train from: the newest intact checkpoint's, or fresh ones.
+
+    A resumed run is compared with the run's config.json first: fields that
+    change the train state's arrays stop it (orbax would fail deep inside the
+    restore), other differences are logged; training.num_steps below the
+    checkpoint's step is an error (nothing would train).
+    """
+    config, train = experiment.config, experiment.config.training
+    data = pipeline.create_train_iterator(config.data, global_batch_size=train.batch_size, seed=config.seed)
+    if checkpointer.latest_step() is None:
+        return experiment.create_state(), data
+    saved = workdir_lib.saved_config(workdir)
+    changes = workdir_lib.differences(saved, workdir_lib.config_as_dict(config)) if saved else []
+    try:
+        step, state, data_state = checkpointer.restore(experiment.abstract_state())
+    except checkpointing.IncompatibleCheckpointError as e:
+        raise checkpointing.IncompatibleCheckpointError(
+            f"{e} {workdir_lib.describe_differences(workdir, config)}") from e
+    if step > train.num_steps:
+        raise ConfigError(
+            f"config.training.num_steps={train.num_steps}, but the checkpoint in {workdir} is at step {step}: there "
+            f"is nothing to train. Set --config.training.num_steps above {step} to continue training, or use "
+            f"--mode=sample / --mode=eval for this checkpoint.")
+    try:
+        data.set_state(data_state)
+    except ValueError as e:
+        raise ConfigError(f"{e} {workdir_lib.describe_differences(workdir, config)}") from e
+    if changes:
+        logging.warning("Resuming %s at step %d with a config that differs from the run's %s: %s. The previous "
+                        "configs stay in %s/.", workdir, step, workdir_lib.CONFIG_NAME,
+                        workdir_lib.format_differences(changes), workdir_lib.HISTORY_DIR)
+    logging.info("Resumed from the checkpoint at step %d in %s.", step, workdir)
+    return state, data
 
 
 def _evaluate(experiment: Experiment, state: TrainState, workdir: str, step: int, log: MetricsLog,

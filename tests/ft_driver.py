@@ -30,4 +30,4 @@ def _with_delay(global_batch, delay_s: float):
 if __name__ == "__main__":
     if os.environ.get("FT_STEP_DELAY_S"):
         parallel.global_batch = _with_delay(parallel.global_batch, float(os.environ["FT_STEP_DELAY_S"]))
-    app.run(main.main)
+    app.run(main.main, flags_parser=main.parse_flags)

@@ -207,9 +207,9 @@ def test_steps_move_p_on_r1_steps_and_resume_exactly(tiny, tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("distance", "lpips", "VGG weights"),
-    ("adv_weight_mid", 0.5, r"adv_weight_mid must be 0 .* \(0, adv_weight = 0.3\]"),
-    ("disc_optimizer", "sgd", "valid: radam, adam"),
-    ("r1_interval", 0, "r1_interval >= 1"),
+    ("adv_weight_mid", 0.5, r"adv_weight_mid=0.5 is invalid: .* <= config.method.adv_weight \(0.3\)"),
+    ("disc_optimizer", "sgd", "must be one of 'radam', 'adam'"),
+    ("r1_interval", 0, "r1_interval=0 is invalid: must be an integer >= 1"),
 ])
 def test_bad_method_fields_are_named(field, value, message):
     config = act_config()

@@ -309,8 +309,11 @@ def load_config(name: str, *args):
 
 
 def validate_without_data(config, monkeypatch):
-    """experiment.validate_config, minus reading the dataset (CIFAR-10 / ImageNet are not on this machine)."""
+    """experiment.validate_config, minus reading the dataset and finding the Inception weights (not on this machine)."""
+    from consistency_jax.evaluation import inception_weights
+
     monkeypatch.setattr(experiment.pipeline, "check_dataset", lambda data_config: None)
+    monkeypatch.setattr(inception_weights, "find_weights", lambda directory: None)
     experiment.validate_config(config)
 
 

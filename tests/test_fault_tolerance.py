@@ -128,7 +128,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         step, state, data_state = checkpointer.restore(abstract_small_state())
     assert step == 1 and data_state == {"position": 1}
     np.testing.assert_array_equal(state["w"], np.full((32, 32), 1.0))
-    assert "Checkpoint at step 2" in caplog.text and "cannot be restored" in caplog.text
+    assert "Checkpoint at step 2" in caplog.text and "is damaged" in caplog.text
     # The damaged checkpoint is kept for inspection but out of the way: the resumed run saves step 2 again.
     assert checkpointer.all_steps() == [1] and (tmp_path / "unreadable_2").is_dir()
     checkpointer.save(2, small_state(7), {"position": 2})
@@ -143,7 +143,7 @@ def test_no_readable_checkpoint_is_an_error_naming_every_step(tmp_path):
     for step in (1, 2):
         overwrite_array_files(str(tmp_path / str(step)))
     checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=5)
-    with pytest.raises(RuntimeError, match=r"could be restored:\nstep 2: .*\nstep 1: "):
+    with pytest.raises(checkpointing.CheckpointError, match=r"is intact:\nstep 2: .*\nstep 1: "):
         checkpointer.restore(abstract_small_state())
     checkpointer.close()
 

@@ -18,19 +18,42 @@ def run_main(*args, timeout=120):
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("--config.model.name=resnet", "Unknown model name 'resnet'; valid names: adm, edm2, ncsnpp"),
+    ("--config.model.name=resnet", "config.model.name='resnet' is invalid: must be one of 'adm', 'edm2', 'ncsnpp'"),
     ("--config.method.name=gan", f"Unknown method name 'gan'; valid names: {', '.join(methods.method_names())}"),
-    ("--config.data.name=mnist", "Unknown data.name 'mnist'; valid names: cifar10, imagenet_resized/64x64"),
-    ("--config.optimizer.name=sgd", "Unknown config.optimizer.name 'sgd'; valid: adam, radam, adamw"),
-    ("--config.parametrization.c_noise=log", "valid: edm, cm, raw"),
-    ("--config.training.batch_szie=8", "batch_szie"),
+    ("--config.data.name=mnist", "config.data.name='mnist' is invalid: must be one of 'cifar10', 'imagenet_resized/64x64'"),
+    ("--config.optimizer.name=sgd", "config.optimizer.name='sgd' is invalid: must be one of 'adam', 'radam', 'adamw'"),
+    ("--config.parametrization.c_noise=log", "must be one of 'edm', 'cm', 'raw'"),
+    ("--config.training.batch_szie=8", "config.training has no field 'batch_szie'. Did you mean "
+                                       "config.training.batch_size? Valid fields of config.training: batch_size,"),
     ("--config.training.num_steps=many", "many"),
 ])
 def test_bad_override_fails_at_start_naming_the_value(tmp_path, override, expected):
     result = run_main(f"--workdir={tmp_path}", override)
     assert result.returncode != 0
     assert expected in result.stderr + result.stdout
+    assert_one_message(result)
     assert not (tmp_path / "checkpoints").exists()  # nothing started
+
+
+def assert_one_message(result):
+    """The error alone: no traceback, no config dump, no flag help before it."""
+    output = (result.stderr + result.stdout).strip()
+    assert "Traceback" not in output and "Config:" not in output and "--helpfull" not in output
+    assert len(output.splitlines()) <= 2, output
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--workdir={file}"], "--workdir={file} is a file, not a directory."),
+    (["--workdir={dir}", "--step=3"], "--step=3 selects a checkpoint for --mode=sample, eval and edit"),
+    (["--workdir={dir}", "--mode=sample"], "does not exist: train first"),
+])
+def test_bad_workdir_and_flags_fail_in_one_line(tmp_path, args, expected):
+    file, directory = tmp_path / "a_file", tmp_path / "run"
+    file.write_text("")
+    fill = lambda text: text.format(file=file, dir=directory)  # noqa: E731
+    result = run_main(*map(fill, args))
+    assert result.returncode != 0 and fill(expected) in result.stderr
+    assert_one_message(result)
 
 
 def test_loading_every_config_and_the_package_leaves_the_backend_alone():

@@ -219,5 +219,6 @@ def test_mismatched_class_counts_are_a_config_error():
     config = tiny_config()
     config.data.num_classes = 10
     config.model.num_classes = 0
-    with pytest.raises(experiment.ConfigError, match=r"model.num_classes \(0\) must equal config.data.num_classes \(10\)"):
+    with pytest.raises(experiment.ConfigError, match=r"config.model.num_classes=0 differs from config.data.num_classes=10.*"
+                                                     r"--config.model.num_classes=10 --config.data.num_classes=10"):
         experiment.validate_config(config)

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from consistency_jax.data import digits as digits_lib
+from consistency_jax.errors import UserError, read_file
 
 TFDS_DATASETS = ("cifar10", "imagenet_resized/64x64", "lsun/cat")
 IN_MEMORY_DATASETS = ("digits", "npz", "folder")
@@ -55,7 +57,7 @@ class DatasetInfo:
     num_examples: int  # size of the training split (after skipping bad images)
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError, ValueError):
     """The data config names a dataset that is unknown, missing or unusable."""
 
 
@@ -236,14 +238,8 @@ def _load_npz(
     path: str, image_size: int, num_channels: int, num_classes: int, on_bad_image: str
 ) -> tuple[np.ndarray, np.ndarray]:
     del on_bad_image  # an array cannot hold an undecodable image
-    with np.load(path) as archive:
-        if "images" not in archive.files:
-            raise DataConfigError(
-                f"{path} has arrays {archive.files}; it needs uint8 'images' [N, H, W] or [N, H, W, C] "
-                "and, for class-conditional training, int 'labels' [N]."
-            )
-        images = archive["images"]
-        labels = archive["labels"] if "labels" in archive.files else None
+    images, labels = read_file(path, "data.path: the .npz", _read_npz_arrays,
+                               "It must be an uncompressed or compressed .npz written by numpy.savez.")
     if (
         images.dtype != np.uint8
         or images.ndim not in (3, 4)
@@ -257,6 +253,18 @@ def _load_npz(
         raise DataConfigError(f"{path}: 'images' is empty.")
     images = np.stack([fit_image(image, image_size, num_channels) for image in images])
     return images, _checked_labels(labels, len(images), num_classes, path)
+
+
+def _read_npz_arrays(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    if not zipfile.is_zipfile(path):  # numpy would try to unpickle it and say so; read_file names the file
+        raise ValueError("not a zip archive (an .npz is a zip archive of arrays)")
+    with np.load(path) as archive:
+        if "images" not in archive.files:
+            raise DataConfigError(
+                f"{path} has arrays {archive.files}; it needs uint8 'images' [N, H, W] or [N, H, W, C] "
+                "and, for class-conditional training, int 'labels' [N]."
+            )
+        return archive["images"], archive["labels"] if "labels" in archive.files else None
 
 
 def _checked_labels(labels: np.ndarray | None, count: int, num_classes: int, where: str) -> np.ndarray:

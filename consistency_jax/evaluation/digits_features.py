@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import traverse_util
 
 from consistency_jax.data import digits
@@ -88,9 +89,13 @@ def load_or_train_classifier(cache_dir: str) -> tuple[dict, float]:
     """(variables, held-out accuracy): loaded from cache_dir, or trained on the training split and saved there."""
     path = _cache_path(cache_dir)
     if os.path.exists(path):
-        with np.load(path) as stored:
-            flat = {tuple(key.split("/")): stored[key] for key in stored.files if key != "test_accuracy"}
-            return traverse_util.unflatten_dict(flat), float(stored["test_accuracy"])
+        try:
+            with np.load(path) as stored:
+                flat = {tuple(key.split("/")): stored[key] for key in stored.files if key != "test_accuracy"}
+                return traverse_util.unflatten_dict(flat), float(stored["test_accuracy"])
+        except Exception as e:  # noqa: BLE001 -- a damaged cache file is rebuilt, not fatal
+            logging.warning("The cached digits classifier %s cannot be read (%s: %s); training it again.", path,
+                            type(e).__name__, e)
     variables = train_classifier(*digits.load_digits_split("train"))
     test_accuracy = accuracy(variables, *digits.load_digits_split("test"))
     os.makedirs(cache_dir, exist_ok=True)

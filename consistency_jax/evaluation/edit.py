@@ -157,6 +157,11 @@ def run_edit(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     result = jax.jit(run)(params, jax.random.PRNGKey(config.seed), y,
                           None if problem["mask"] is None else jnp.asarray(problem["mask"]),
                           None if labels is None else jnp.asarray(labels))
+    if not bool(jnp.all(jnp.isfinite(result))):  # to_uint8 would write black/white images without complaint
+        raise generate.NonFiniteSamplesError(
+            f"The {edit.task} edit produced NaN/inf values (checkpoint step {int(state.step)}); no images were "
+            f"written. The weights are broken: check the run's loss in metrics.jsonl, or edit with another "
+            f"checkpoint (--step).")
     images = np.asarray(samplers.to_uint8(result))
     stem = os.path.splitext(edit.images)[0] + f"_{edit.task}"
     if jax.process_index() == 0:

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
 from consistency_jax import checkpointing, parallel, samplers
+from consistency_jax import workdir as workdir_lib
 from consistency_jax.data import pipeline
+from consistency_jax.errors import UserError
 from consistency_jax.evaluation import extractors, metrics, reference_stats
 from consistency_jax.experiment import Experiment, create_experiment, validate_config
 from consistency_jax.state import TrainState
@@ -50,6 +51,10 @@ def select_params(state: TrainState | Weights, ema_rates: tuple[float, ...], ema
     return state.ema_params[list(ema_rates).index(ema_rate)]
 
 
+class NonFiniteSamplesError(UserError, FloatingPointError):
+    """The sampler produced NaN/inf: no images are written (they would be all black or all white)."""
+
+
 def sampling_params(state: TrainState | Weights, config: ml_collections.ConfigDict) -> Any:
     """The params config.sampling names: a power-function EMA (ema_sigma_rel > 0) or select_params's choice.
 
@@ -77,7 +82,7 @@ def sampling_sigma_rel(config: ml_collections.ConfigDict) -> float:
 
 
 def make_sampler(experiment: Experiment, num_steps: int) -> tuple[samplers.Sampler, Callable]:
-    """The method's `num_steps` sampler and its jitted (params, rng, labels) -> uint8 images form.
+    """The method's `num_steps` sampler and its jitted (params, rng, labels) -> (uint8 images, all finite) form.
 
     The batch is sharded over the mesh. Compiled samplers are kept on the
     experiment by key: training draws sample grids and evaluations many times,
@@ -90,10 +95,11 @@ def make_sampler(experiment: Experiment, num_steps: int) -> tuple[samplers.Sampl
         def sample(params, rng, labels):
             shape = (labels.shape[0], *experiment.image_shape)
             cond = labels if experiment.num_classes > 0 else None
-            images = spec.sample(params, rng, shape, cond)
-            return samplers.to_uint8(jax.lax.with_sharding_constraint(images, batch_sharding))
+            images = jax.lax.with_sharding_constraint(spec.sample(params, rng, shape, cond), batch_sharding)
+            return samplers.to_uint8(images), jnp.all(jnp.isfinite(images))
 
-        experiment.jitted_samplers[spec.key] = jax.jit(sample, out_shardings=batch_sharding)
+        replicated = parallel.replicated(experiment.mesh)
+        experiment.jitted_samplers[spec.key] = jax.jit(sample, out_shardings=(batch_sharding, replicated))
     return spec, experiment.jitted_samplers[spec.key]
 
 
@@ -133,6 +139,11 @@ def generate(experiment: Experiment, params: Any, num_samples: int, num_steps: i
             chunk = store.load(index)
         else:
             chunk = _sample_chunk(experiment, sampler, params, seed, index, chunk_size)
+            if chunk is None:
+                raise NonFiniteSamplesError(
+                    f"The {num_steps}-step sampler produced NaN/inf values (chunk {index} of {num_chunks}, seed "
+                    f"{seed}); no images were written. The weights sampled from are broken: check the run's loss "
+                    f"in metrics.jsonl, or sample another checkpoint (--step) or EMA (config.sampling.ema_rate).")
             if store:
                 store.write(index, *chunk)
             progress.made_one()
@@ -145,14 +156,17 @@ def generate(experiment: Experiment, params: Any, num_samples: int, num_steps: i
 
 
 def _sample_chunk(experiment: Experiment, sampler: Callable, params: Any, seed: int, index: int,
-                  chunk_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+                  chunk_size: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """One chunk of images (and labels), or None if the sampler's output was not finite."""
     # Keys and labels go in as numpy: identical on every process, so jit takes them as replicated.
     batch_rng, label_rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), index))
     if experiment.num_classes > 0:
         labels = np.asarray(jax.random.randint(label_rng, (chunk_size,), 0, experiment.num_classes), np.int32)
     else:
         labels = np.zeros((chunk_size,), np.int32)
-    images = sampler(params, np.asarray(batch_rng), labels)
+    images, finite = sampler(params, np.asarray(batch_rng), labels)
+    if not bool(finite):
+        return None
     # Every process gets the whole chunk (the metrics run on each process's own devices).
     images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
     return images, (labels if experiment.num_classes > 0 else None)
@@ -305,17 +319,28 @@ class _Progress:
 
 
 def restore_weights(experiment: Experiment, workdir: str, step: int | None) -> Weights:
-    """The step, params and EMAs of a checkpoint (the latest by default), without optimizer or method state."""
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
+    """The step, params and EMAs of a checkpoint (the latest intact one by default), without optimizer or method state.
+
+    The run's checkpoints are opened read-only: sampling beside a running
+    training job never renames or deletes anything there.
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise checkpointing.CheckpointError(f"No checkpoint in {directory}: train first (--mode=train).")
+    checkpointer = checkpointing.Checkpointer(directory, read_only=True)
     try:
         if checkpointer.latest_step() is None:
-            raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints: train first (--mode=train).")
+            raise checkpointing.CheckpointError(f"No checkpoint in {directory}: train first (--mode=train).")
         if step is not None and step not in checkpointer.all_steps():
-            raise ValueError(f"No checkpoint at step {step} in {workdir}/checkpoints; "
-                             f"available steps: {checkpointer.all_steps()}.")
+            raise checkpointing.CheckpointError(f"No checkpoint at step {step} in {directory}; available steps: "
+                                                f"{checkpointer.all_steps()}.")
         abstract = experiment.abstract_state()
-        _, fields = checkpointer.restore_fields(
-            {"step": abstract.step, "params": abstract.params, "ema_params": abstract.ema_params}, step)
+        try:
+            _, fields = checkpointer.restore_fields(
+                {"step": abstract.step, "params": abstract.params, "ema_params": abstract.ema_params}, step)
+        except checkpointing.IncompatibleCheckpointError as e:
+            raise checkpointing.IncompatibleCheckpointError(
+                f"{e} {workdir_lib.describe_differences(workdir, experiment.config)}") from e
     finally:
         checkpointer.close()
     return Weights(**fields)
@@ -327,7 +352,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None
     Samples are made in chunks under samples/chunks_<stem>/ first, so an
     interrupted run picks up where it stopped; the chunks go once the .npz is written.
     """
-    validate_config(config)
+    validate_config(config, "sample")
     experiment = create_experiment(config, workdir=workdir)
     state = restore_weights(experiment, workdir, step)
     sampling = config.sampling
@@ -420,10 +445,9 @@ def best_metric_name(config: ml_collections.ConfigDict) -> str:
     return f"samples_{min(config.eval.steps)}step/fid"
 
 
-def _best_manager(workdir: str) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["fid"], best_mode="min",
-                                           enable_async_checkpointing=False, create=True)
-    return ocp.CheckpointManager(os.path.join(workdir, "best"), options=options, item_names=("state",))
+def _best_checkpointer(workdir: str) -> checkpointing.Checkpointer:
+    """<workdir>/best: the one state with the lowest FID so far, verified like every checkpoint."""
+    return checkpointing.Checkpointer(os.path.join(workdir, "best"), keep=1, best_metric="fid", async_save=False)
 
 
 def record_evaluation(experiment: Experiment, state: TrainState, workdir: str, step: int,
@@ -439,36 +463,35 @@ def record_evaluation(experiment: Experiment, state: TrainState, workdir: str, s
         raise KeyError(f"The evaluation has no {name!r} to choose the best checkpoint by; it has "
                        f"{sorted(evaluation)}.")
     fid = float(evaluation[name])
-    manager = _best_manager(workdir)
+    checkpointer = _best_checkpointer(workdir)
     try:
-        best_step = manager.best_step()
-        best_fid = float(manager.metrics(best_step)["fid"]) if best_step is not None else float("inf")
-        improved = np.isfinite(fid) and fid < best_fid and step not in manager.all_steps()
+        best_step = checkpointer.best_step()
+        best_fid = float(checkpointer.metrics(best_step)["fid"]) if best_step is not None else float("inf")
+        improved = np.isfinite(fid) and fid < best_fid and step not in checkpointer.all_steps()
         # One decision for all processes: saving is collective.
         if bool(multihost_utils.broadcast_one_to_all(np.asarray(improved))):
-            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), metrics={"fid": fid})
-            manager.wait_until_finished()
+            checkpointer.save(step, state, force=True, metrics={"fid": fid})
+            checkpointer.wait()
             logging.info("New best %s %.4f at step %d (previous best %.4f); saved to %s/best.", name, fid, step,
                          best_fid, workdir)
             best_fid = fid
     finally:
-        manager.close()
+        checkpointer.close()
     return {"best_fid": best_fid}
 
 
 def restore_best_state(experiment: Experiment, workdir: str) -> tuple[int, TrainState]:
     """(step, state) of the best checkpoint that record_evaluation kept in <workdir>/best."""
-    manager = _best_manager(workdir)
+    checkpointer = _best_checkpointer(workdir)
     try:
-        step = manager.best_step()
+        step = checkpointer.best_step()
         if step is None:
             raise FileNotFoundError(f"No best checkpoint in {workdir}/best: it is written by evaluations during "
                                     f"training (config.eval.every_steps > 0).")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(experiment.abstract_state())))
+        _, state, _ = checkpointer.restore(experiment.abstract_state(), step)
     finally:
-        manager.close()
-    return step, restored.state
+        checkpointer.close()
+    return step, state
 
 
 def _ema_rate_used(ema_rates, ema_rate: float) -> float:
@@ -495,7 +518,7 @@ def format_report(result: dict) -> str:
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
     """--mode=eval: metrics of a checkpoint, written to <workdir>/eval/step_<step>.json."""
-    validate_config(config)
+    validate_config(config, "eval")
     experiment = create_experiment(config, workdir=workdir)
     state = restore_weights(experiment, workdir, step)
     return evaluate_state(experiment, state, workdir, int(state.step))

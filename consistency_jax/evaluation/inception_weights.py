@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from flax import traverse_util
 
+from consistency_jax.errors import MissingFileError, read_file
 from consistency_jax.evaluation import inception
 
 TF_GRAPH_URL = "http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz"
@@ -356,11 +357,15 @@ def load_pth_variables(path: str) -> dict[str, Any]:
 
 
 def load_inception_variables(path: str) -> dict[str, Any]:
-    """Flax variables from a .pth, .pb or .tgz file (picked by the file's suffix)."""
+    """Flax variables from a .pth, .pb or .tgz file (picked by the file's suffix).
+
+    A damaged file (truncated download, another format) raises FileReadError naming it.
+    """
+    advice = f"Delete it and download it again ({PTH_URL} or {TF_GRAPH_URL})."
     if path.endswith((".pth", ".pt")):
-        return load_pth_variables(path)
+        return read_file(path, "The Inception weight file", load_pth_variables, advice)
     if path.endswith((".pb", ".tgz", ".tar.gz")):
-        return load_graph_def_variables(path)
+        return read_file(path, "The Inception weight file", load_graph_def_variables, advice)
     raise ValueError(
         f"Unknown Inception weight file {path!r}: expected {PTH_FILE}, {TF_GRAPH_ARCHIVE} or {TF_GRAPH_FILE}."
     )
@@ -407,11 +412,11 @@ def find_weights(location: str | None, *, allow_download: bool = True) -> str:
         f"into {directory}, or point config.eval.inception_dir at the directory or file."
     )
     if not allow_download:
-        raise FileNotFoundError(instructions)
+        raise MissingFileError(instructions)
     destination = os.path.join(directory, TF_GRAPH_ARCHIVE)
     try:
         os.makedirs(directory, exist_ok=True)
         _download(TF_GRAPH_URL, destination)
     except OSError as error:  # URLError and socket timeouts are OSErrors
-        raise FileNotFoundError(f"{instructions}\nAutomatic download failed: {error}") from error
+        raise MissingFileError(f"{instructions}\nAutomatic download failed: {error}") from error
     return destination

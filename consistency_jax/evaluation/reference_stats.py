@@ -9,6 +9,7 @@ import hashlib
 import os
 
 import numpy as np
+from absl import logging
 
 from consistency_jax.evaluation import frechet
 
@@ -69,7 +70,11 @@ def reference_statistics(extractor, data_config, cache_dir: str, split: str,
     count = "all" if num_examples is None else str(num_examples)
     path = os.path.join(cache_dir, f"reference_{extractor.name}_{_dataset_tag(data_config)}_{split}_{count}.npz")
     if os.path.exists(path):
-        return ReferenceStats.load(path)
+        try:
+            return ReferenceStats.load(path)
+        except Exception as e:  # noqa: BLE001 -- a damaged cache file is recomputed, not fatal
+            logging.warning("The cached reference statistics %s cannot be read (%s: %s); computing them again.",
+                            path, type(e).__name__, e)
     images = _load_real_images(data_config, split, num_examples)
     features = extractor(images)["pool"]
     stats = ReferenceStats.from_features(

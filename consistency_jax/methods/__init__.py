@@ -7,6 +7,7 @@ a misspelt `--config.method.<field>` fails at start (the config is locked).
 
 import ml_collections
 
+from consistency_jax import config_rules as rules
 from consistency_jax.methods.base import Method
 
 
@@ -45,4 +46,5 @@ def check_method_config(config: ml_collections.ConfigDict) -> None:
             f"(missing: {missing or 'none'}; not {cls.name!r} fields: {extra or 'none'}). Switch methods by "
             f"starting from a config made for {cls.name!r} (configs/*.py set config.method = "
             f"methods.method_config({cls.name!r})), not with --config.method.name alone.")
+    rules.check_fields(config, "method", cls.config_rules())
     cls.check_config(config)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from consistency_jax import config_rules as rules
 from consistency_jax import augmentation, schedules
 from consistency_jax.methods import distances
 from consistency_jax.methods.base import Method
@@ -181,6 +182,37 @@ class ACT(Method):
             channels=(128, 256, 256, 256), num_res_blocks=3, attn_resolutions=(16,), num_head_channels=8,
             output_norm=True, dropout=0.0, dtype="float32", attention_impl="xla"))
         return fields
+
+    @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        disc = {"channels": rules.Numbers(rules.Int(ge=1), min_len=1),
+                "num_res_blocks": rules.Int(ge=1),
+                "attn_resolutions": rules.Numbers(rules.Int(ge=1), unique=True),
+                "num_head_channels": rules.Int(ge=1),
+                "output_norm": rules.Flag(),
+                "dropout": rules.Float(ge=0, lt=1),
+                "dtype": rules.Choice(("float32", "bfloat16")),
+                "attention_impl": rules.Choice(("xla", "dot_product_attention"))}
+        return {**super().config_rules(),
+                "s0": rules.Int(ge=1),
+                "s1": rules.Int(gt="method.s0"),
+                "curriculum_steps": rules.Int(ge=1, special={-1: "training.num_steps"}),
+                "target_ema_mu0": rules.Float(gt=0, lt=1),
+                "distance": rules.Choice(DISTANCES, why="LPIPS needs VGG weights that this framework does not ship"),
+                "huber_c": rules.Float(gt=0, special={-1.0: "0.00054 * sqrt(H * W * C)"}),
+                "adv_weight": rules.Float(ge=0, le=1),
+                "adv_weight_mid": rules.Float(ge=0, le="method.adv_weight", why="0: a constant weight"),
+                "r1_gamma": rules.Float(ge=0, why="0: off"),
+                "r1_interval": rules.Int(ge=1),
+                "ada_r1_threshold": rules.Float(ge=0),
+                "ada_r1_ema_decay": rules.Float(ge=0, lt=1),
+                "ada_length": rules.Float(gt=0),
+                "disc_optimizer": rules.Choice(DISC_OPTIMIZERS),
+                "disc_learning_rate": rules.Float(gt=0),
+                "disc_b1": rules.Float(ge=0, lt=1),
+                "disc_b2": rules.Float(ge=0, lt=1),
+                "disc_eps": rules.Float(gt=0),
+                **{f"discriminator.{name}": rule for name, rule in disc.items()}}
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:

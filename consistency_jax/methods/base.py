@@ -4,7 +4,9 @@ A method is one file in this package holding a subclass of `Method`; the loop,
 the samplers and the evaluator know a method only through these members:
 
     default_config()            its config fields (config.method), each with a comment
-    check_config(config)        ranges and orderings of those fields, before anything compiles
+    config_rules()              a rule (config_rules.py) for every one of those fields: type,
+                                range, choices, orderings; applied before anything compiles
+    check_config(config)        what the rules cannot say (relations to other sections)
     check_sampler(config, n)    whether the config describes an n-step sampler
     make_function(config, model)  the network's parametrization (consistency boundary, EDM denoiser, ...)
     init_params(params, teacher)  the params training starts from (ECT/SCT: the teacher's)
@@ -40,6 +42,7 @@ import jax
 import ml_collections
 import optax
 
+from consistency_jax import config_rules as rules
 from consistency_jax import models, samplers
 from consistency_jax.parametrization import ConsistencyFunction, NetworkFunction
 
@@ -54,6 +57,14 @@ def teacher_config_fields(fields: ml_collections.ConfigDict) -> ml_collections.C
     fields.teacher_step = -1  # checkpoint step of the teacher; -1: its latest
     fields.teacher_ema_rate = -1.0  # which of the teacher's EMAs; -1: its first; 0: its raw params
     return fields
+
+
+# The rules of the fields that teacher_config_fields adds (Method.config_rules includes them).
+TEACHER_RULES = {
+    "teacher_workdir": rules.Text(),
+    "teacher_step": rules.Int(ge=0, special={-1: "its latest"}),
+    "teacher_ema_rate": rules.Float(ge=0, lt=1, special={-1.0: "its first EMA"}, why="0: its raw params"),
+}
 
 
 class Method:
@@ -82,8 +93,19 @@ class Method:
         return fields
 
     @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        """{field: rule} for every field of default_config(); extend in subclasses ({**super().config_rules(), ...}).
+
+        A bound may name another field, e.g. rules.Int(ge="method.s0") for s1.
+        The registry applies these rules before `check_config`, and the tests
+        check that every field has one and that each rule's invalid values are refused.
+        """
+        table = {"name": rules.CheckedElsewhere("the method registry")}
+        return {**table, **TEACHER_RULES} if cls.teacher != "none" else table
+
+    @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
-        """Raises ValueError naming a field of config.method with an invalid value and the valid range."""
+        """Checks the rules cannot express; raise ValueError naming config.<field>, the value and the valid range."""
 
     # -- Network ------------------------------------------------------------
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from consistency_jax import config_rules as rules
 from consistency_jax import samplers, schedules, teachers
 from consistency_jax.methods import distances
 from consistency_jax.methods.base import Method, teacher_config_fields
@@ -82,6 +83,13 @@ class _ConsistencyMethod(Method):
         # lambda(sigma_i): 'uniform' (CM code) or 'inverse_gap' (iCT's 1 / (sigma_{i+1} - sigma_i)).
         fields.weighting = "uniform"
         return fields
+
+    @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        return {**super().config_rules(),
+                "distance": rules.Choice(DISTANCES, why="LPIPS needs VGG weights that cannot be fetched here"),
+                "huber_c": rules.Float(gt=0, special={-1.0: "0.00054 * sqrt(H * W * C)"}),
+                "weighting": rules.Choice(WEIGHTINGS)}
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -165,6 +173,15 @@ class CT(_ConsistencyMethod):
         return fields
 
     @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        return {**super().config_rules(),
+                "s0": rules.Int(ge=1),
+                "s1": rules.Int(ge="method.s0"),
+                "curriculum_steps": rules.Int(ge=1, special={-1: "training.num_steps"}),
+                "mu0": rules.Float(gt=0, lt=1),
+                "mu_denominator": rules.Choice(MU_DENOMINATORS)}
+
+    @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         super().check_config(config)
         fields = config.method
@@ -209,6 +226,14 @@ class CD(_ConsistencyMethod):
         fields.solver = "heun"  # the teacher's ODE step from sigma_{i+1} to sigma_i: 'heun' or 'euler'
         fields.init_from_teacher = True  # start the student (and its EMAs) from the teacher's params
         return teacher_config_fields(fields)
+
+    @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        return {**super().config_rules(),
+                "num_scales": rules.Int(ge=2, why="one interval at least"),
+                "target_ema": rules.Float(ge=0, lt=1, why="0: the student itself is the target"),
+                "solver": rules.Choice(SOLVERS),
+                "init_from_teacher": rules.Flag()}
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:

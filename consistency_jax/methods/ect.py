@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from consistency_jax import config_rules as rules
 from consistency_jax import samplers, schedules, teachers
 from consistency_jax.methods.base import Method, teacher_config_fields
 from consistency_jax.parametrization import ConsistencyFunction, NetworkFunction
@@ -136,6 +137,22 @@ class ECT(Method):
         # usual consistency sampler, 0: deterministic.
         fields.sampler_eta = 1.0
         return fields
+
+    @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        return {**super().config_rules(),
+                "p_mean": rules.Float(),
+                "p_std": rules.Float(gt=0),
+                "q": rules.Float(gt=1, why="the gap t - r shrinks by q each stage"),
+                "stage_steps": rules.Int(ge=1),
+                "k": rules.Float(ge=0),
+                "b": rules.Float(ge=0),
+                "huber_c": rules.Float(ge=0, why="0: the L2 norm"),
+                "weighting": rules.Choice(WEIGHTINGS),
+                "boundary": rules.Choice(BOUNDARIES),
+                "label_dropout": rules.Float(ge=0, lt=1),
+                "guidance_scale": rules.Float(ge=0, why="1: off"),
+                "sampler_eta": rules.Float(ge=0, le=1)}
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:

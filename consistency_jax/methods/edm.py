@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from consistency_jax import config_rules as rules
 from consistency_jax import samplers
 from consistency_jax.methods.base import Method
 from consistency_jax.parametrization import ConsistencyFunction
@@ -38,16 +39,14 @@ class EDM(Method):
         return fields
 
     @classmethod
-    def check_config(cls, config: ml_collections.ConfigDict) -> None:
-        fields = config.method
-        if not fields.p_std > 0:
-            raise ValueError(f"config.method.p_std must be > 0, got {fields.p_std}.")
-        if fields.heun_s_churn < 0 or fields.heun_s_noise < 0:
-            raise ValueError(f"config.method.heun_s_churn and heun_s_noise must be >= 0, got "
-                             f"{fields.heun_s_churn} and {fields.heun_s_noise}.")
-        if not 0 <= fields.heun_s_tmin <= fields.heun_s_tmax:
-            raise ValueError(f"config.method.heun_s_tmin ({fields.heun_s_tmin}) must be in "
-                             f"[0, heun_s_tmax ({fields.heun_s_tmax})].")
+    def config_rules(cls):
+        return {**super().config_rules(),
+                "p_mean": rules.Float(),
+                "p_std": rules.Float(gt=0),
+                "heun_s_churn": rules.Float(ge=0),
+                "heun_s_tmin": rules.Float(ge=0, le="method.heun_s_tmax"),
+                "heun_s_tmax": rules.Float(ge=0, allow_inf=True),
+                "heun_s_noise": rules.Float(ge=0)}
 
     @classmethod
     def check_sampler(cls, config: ml_collections.ConfigDict, num_steps: int) -> None:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from consistency_jax import config_rules as rules
 from consistency_jax import schedules
 from consistency_jax.methods import distances
 from consistency_jax.methods.base import Method
@@ -50,6 +51,16 @@ class ICT(Method):
         fields.p_std = 2.0  # ... and its standard deviation
         fields.huber_c = -1.0  # pseudo-Huber c; -1: 0.00054 * sqrt(H * W * C)
         return fields
+
+    @classmethod
+    def config_rules(cls):
+        return {**super().config_rules(),
+                "s0": rules.Int(ge=1),
+                "s1": rules.Int(ge="method.s0"),
+                "curriculum_steps": rules.Int(ge=1, special={-1: "training.num_steps"}),
+                "p_mean": rules.Float(),
+                "p_std": rules.Float(gt=0),
+                "huber_c": rules.Float(gt=0, special={-1.0: "0.00054 * sqrt(H * W * C)"})}
 
     def loss(self, params, method_state, batch, rng, step):
         fields, param = self.fields, self.config.parametrization

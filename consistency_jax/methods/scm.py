@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from consistency_jax import config_rules as rules
 from consistency_jax import samplers, teachers
 from consistency_jax.methods import base
 from consistency_jax.models.layers import PositionalEmbedding, zeros_init
@@ -177,6 +178,21 @@ class SCM(base.Method):
         # while F_theta runs in the model's dtype (FastGen's precision_amp_jvp for bf16 training).
         fields.jvp_dtype = ""
         return base.teacher_config_fields(fields)
+
+    @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        return {**super().config_rules(),
+                "p_mean": rules.Float(),
+                "p_std": rules.Float(gt=0),
+                "tangent_warmup_steps": rules.Int(ge=0, why="0: no warm-up"),
+                "tangent_normalization": rules.Choice(TANGENT_NORMALIZATIONS),
+                "tangent_norm_c": rules.Float(ge=0, why="must be > 0 with 'l2' or 'rms'"),
+                "adaptive_weighting": rules.Flag(),
+                "weighting_channels": rules.Int(ge=2, why="even"),
+                "mse_prior_weighting": rules.Flag(),
+                "time_conditioning": rules.Choice(TRIGFLOW_TIME_CONDITIONINGS),
+                "time_scale": rules.Float(gt=0),
+                "jvp_dtype": rules.Choice(JVP_DTYPES, why="'': the model's compute dtype")}
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from consistency_jax import config_rules as rules
 from consistency_jax.methods import edm
 from consistency_jax.parametrization import TRIGFLOW_TIME_CONDITIONINGS, TrigFlowFunction, trigflow_time
 
@@ -35,6 +36,12 @@ class TrigFlow(edm.EDM):
         fields.time_conditioning = "trigflow"
         fields.time_scale = 1.0
         return fields
+
+    @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        return {**super().config_rules(),
+                "time_conditioning": rules.Choice(TRIGFLOW_TIME_CONDITIONINGS),
+                "time_scale": rules.Float(gt=0)}
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
