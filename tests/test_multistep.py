@@ -400,12 +400,12 @@ def test_sampler_is_deterministic_for_a_key(ct_method, four_step_sampler, net):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("segments", 0, "segments must be an integer >= 1"),
+    ("segments", 0, "segments=0 is invalid: must be an integer >= 1"),
     ("teacher_steps_start", 2000, "1 <= start <= end"),
-    ("huber_eps", 0.0, "huber_eps must be > 0"),
-    ("distance_norm", "l1", "valid: rms, sum"),
-    ("weighting", "v", "valid: snr_plus_one, sqrt_snr_plus_one"),
-    ("anneal_steps", -1, "anneal_steps must be >= 0"),
+    ("huber_eps", 0.0, "huber_eps=0.0 is invalid: must be a finite number > 0"),
+    ("distance_norm", "l1", "must be one of 'rms', 'sum'"),
+    ("weighting", "v", "must be one of 'snr_plus_one', 'sqrt_snr_plus_one'"),
+    ("anneal_steps", -1, "anneal_steps=-1 is invalid: must be an integer >= 0"),
 ])
 def test_bad_fields_stop_at_start(field, value, message):
     config = ct_config()
@@ -424,7 +424,7 @@ def test_ct_teacher_without_initialisation_and_cd_without_teacher_are_errors():
     with pytest.raises(teachers.TeacherError, match="needs a teacher"):
         experiment.create_experiment(config, jax.devices()[:1])
     config.method.xvar_frac = -0.5
-    with pytest.raises(experiment.ConfigError, match="xvar_frac must be >= 0"):
+    with pytest.raises(experiment.ConfigError, match="xvar_frac=-0.5 is invalid: must be a finite number >= 0"):
         experiment.validate_config(config)
 
 

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from consistency_jax import config_rules as rules
 from consistency_jax import samplers, teachers, vp
 from consistency_jax.methods import base, distances, edm
 from consistency_jax.methods.base import Method
@@ -177,6 +178,19 @@ class MultistepConsistency(Method):
         return fields
 
     @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        return {**super().config_rules(),
+                "segments": rules.Int(ge=1),
+                "teacher_steps_start": rules.Int(ge=1),
+                "teacher_steps_end": rules.Int(ge=1),
+                "anneal_steps": rules.Int(ge=0, why="0: teacher_steps_end throughout"),
+                "huber_eps": rules.Float(gt=0),
+                "distance_norm": rules.Choice(DISTANCE_NORMS),
+                "weighting": rules.Choice(WEIGHTINGS),
+                "logsnr_shift": rules.Float(),
+                "init_from_teacher": rules.Flag()}
+
+    @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         fields, param = config.method, config.parametrization
         _require(isinstance(fields.segments, int) and fields.segments >= 1,
@@ -266,6 +280,10 @@ class MultistepCD(MultistepConsistency):
         # aDDIM teacher step: x_var = xvar_frac ||x_teacher - x||^2 / d (the paper's eta); 0: plain DDIM.
         fields.xvar_frac = 0.75
         return fields
+
+    @classmethod
+    def config_rules(cls) -> dict[str, rules.Rule]:
+        return {**super().config_rules(), "xvar_frac": rules.Float(ge=0)}
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
