@@ -77,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.mid_sigma = 0.821  # intermediate sigma of 2-step sampling (iCT CIFAR-10)
     sampling.sigmas = ()  # intermediate sigmas (descending) for samplers of 3 or more steps
     sampling.ema_rate = -1.0  # which EMA to sample from; -1: the first; 0: raw params
+    # Clamp every denoised output of the consistency sampler to [-1, 1] before
+    # re-noising it and before returning it, as the CM PyTorch code's
+    # karras_sample (clip_denoised=True) does.
+    sampling.clip_denoised = True
 
     # Evaluation (end of training and --mode=eval).
     config.eval = ev = ml_collections.ConfigDict()
