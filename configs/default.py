@@ -89,6 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
     ev.every_steps = 0  # periodic evaluation during training; 0: off
     ev.at_end = True  # evaluate (with the real and untrained baselines) when training finishes
     ev.steps = (1, 2)  # sampler step counts to evaluate
+    # What samples are compared with: 'train' (the training set's statistics),
+    # or the path of an ADM reference batch .npz (Inception statistics and
+    # images, e.g. VIRTUAL_imagenet64_labeled.npz), which the ImageNet papers use.
+    ev.reference = "train"
     # Inception weights: a directory or file; None: ~/.cache/consistency_jax (see README).
     ev.inception_dir = ml_collections.FieldReference(None, field_type=str)
 

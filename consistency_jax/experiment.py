@@ -14,6 +14,7 @@ import optax
 
 from consistency_jax import checkpointing, methods, parallel, teachers
 from consistency_jax.data import pipeline
+from consistency_jax.evaluation import reference_stats
 from consistency_jax.methods.base import Method
 from consistency_jax.models import create_model, trainable_mask
 from consistency_jax.parametrization import C_NOISE_KINDS, NetworkFunction
@@ -65,6 +66,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     _require(train.num_steps > 0, f"config.training.num_steps must be positive, got {train.num_steps}.")
     _require(all(0 <= r < 1 for r in train.ema_rates),
              f"config.training.ema_rates must lie in [0, 1), got {tuple(train.ema_rates)}.")
+    reference_stats.check_reference(config.eval)
     sampler_method = methods.get_method(config.method.name)
     for steps in {config.sampling.num_steps, *config.eval.steps}:
         sampler_method.check_sampler(config, steps)

@@ -327,7 +327,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None
 
 def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir: str, step: int,
                    with_baselines: bool = False) -> dict[str, float]:
-    """Metrics of samples at each of config.eval.steps against the training-set statistics.
+    """Metrics of samples at each of config.eval.steps against config.eval.reference (the training set).
 
     With baselines, the same metrics for held-out real images and for 1-step
     samples of the untrained network: the floor and ceiling a result sits between.
@@ -337,8 +337,7 @@ def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir:
     ev = config.eval
     cache_dir = os.path.join(workdir, "eval_cache")
     extractor = extractors.create_feature_extractor(ev, cache_dir=cache_dir, data_config=config.data)
-    reference = reference_stats.reference_statistics(extractor, config.data, cache_dir, split="train",
-                                                     num_examples=None)
+    reference = reference_stats.evaluation_reference(extractor, config, cache_dir)
     ema_rate = config.sampling.ema_rate
     params = select_params(state, tuple(config.training.ema_rates), ema_rate)
     seed = config.seed + 1
@@ -371,6 +370,8 @@ def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir:
         "num_samples": ev.num_samples,
         "steps": list(ev.steps),
         "ema_rate": _ema_rate_used(config.training.ema_rates, ema_rate),
+        "reference": {"config": ev.reference, "source": reference.source, "num_examples": reference.num_examples},
+        "clip_denoised": bool(config.sampling.clip_denoised),
         "sigmas": {n: list(experiment.method.sampler(n).sigmas) for n in ev.steps},
         "network_evaluations": {n: experiment.method.sampler(n).network_evaluations for n in ev.steps},
         "results": rows,
@@ -453,7 +454,8 @@ def format_report(result: dict) -> str:
     rows = result["results"]
     keys = sorted({k for row in rows.values() for k in row})
     lines = [f"Evaluation at step {result['checkpoint_step']}: {result['num_samples']} images per row, "
-             f"{result['feature_extractor']} features, EMA {result['ema_rate']}, reference = training set",
+             f"{result['feature_extractor']} features, EMA {result['ema_rate']}, "
+             f"reference = {result['reference']['source']}",
              f"{'':24s}" + "".join(f"{k:>14s}" for k in keys)]
     for name, row in rows.items():
         lines.append(f"{name:24s}" + "".join(f"{row.get(k, float('nan')):14.4f}" for k in keys))
