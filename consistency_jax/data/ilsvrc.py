@@ -19,7 +19,9 @@ The command is resumable: it writes one shard at a time (atomically) and,
 started again with the same arguments, skips the shards already written. An
 unreadable image stops it with the file's name, unless --on_bad_image=skip,
 which leaves it out and records it in the manifest. Progress is logged with
-rate and ETA.
+rate and ETA. Cost: about 2 ms of CPU per 500x375 JPEG (decode, box-halving,
+bicubic; measured on an AVX-512 EPYC host), so ~0.8 CPU-hours for ILSVRC's
+1.28M images: minutes on a many-core host, plus reading ~140 GB.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ class ADM(nn.Module):
     attn_resolutions: tuple[int, ...] = (32, 16, 8)
     num_head_channels: int = 64
     dropout: float = 0.0
+    # Feature-map resolutions whose res blocks use dropout (a block's output
+    # resolution); () = all. (16, 8) is "only at 16x16 and below" (Hoogeboom et al.).
+    dropout_resolutions: tuple[int, ...] = ()
     embedding_type: str = "positional"  # 'positional' (ADM) or 'fourier'
     fourier_scale: float = 16.0  # only for embedding_type='fourier'
     scale_shift_norm: bool = True  # the embedding sets scale and shift of the second norm
@@ -87,33 +90,42 @@ class ADM(nn.Module):
         res = x.shape[1]
         for level, mult in enumerate(self.channel_mult):
             if level > 0:
-                h = block(h.shape[-1], resample="down", name=f"enc{res}_down")(h, emb)
+                h = block(h.shape[-1], resample="down", dropout=self._dropout_at(res // 2),
+                          name=f"enc{res}_down")(h, emb)
                 res //= 2
                 skips.append(h)
             for idx in range(self.num_res_blocks):
-                h = block(self.model_channels * mult, name=f"enc{res}_block{idx}")(h, emb)
+                h = block(self.model_channels * mult, dropout=self._dropout_at(res),
+                          name=f"enc{res}_block{idx}")(h, emb)
                 if res in self.attn_resolutions:
                     h = attention(h.shape[-1], f"enc{res}_attn{idx}")(h)
                 skips.append(h)
 
-        h = block(h.shape[-1], name=f"mid{res}_block0")(h, emb)
+        h = block(h.shape[-1], dropout=self._dropout_at(res), name=f"mid{res}_block0")(h, emb)
         h = attention(h.shape[-1], f"mid{res}_attn")(h)
-        h = block(h.shape[-1], name=f"mid{res}_block1")(h, emb)
+        h = block(h.shape[-1], dropout=self._dropout_at(res), name=f"mid{res}_block1")(h, emb)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for idx in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = block(self.model_channels * mult, name=f"dec{res}_block{idx}")(h, emb)
+                h = block(self.model_channels * mult, dropout=self._dropout_at(res),
+                          name=f"dec{res}_block{idx}")(h, emb)
                 if res in self.attn_resolutions:
                     h = attention(h.shape[-1], f"dec{res}_attn{idx}")(h)
             if level > 0:
-                h = block(h.shape[-1], resample="up", name=f"dec{res}_up")(h, emb)
+                h = block(h.shape[-1], resample="up", dropout=self._dropout_at(2 * res), name=f"dec{res}_up")(h, emb)
                 res *= 2
 
         h = nn.silu(group_norm(h.shape[-1], _EPS, dtype, name="out_norm")(h))
         out = nn.Conv(x.shape[-1], (3, 3), kernel_init=zeros_init, dtype=dtype, param_dtype=jnp.float32,
                       name="out_conv")(h)
         return out.astype(x.dtype)
+
+    def _dropout_at(self, resolution: int) -> float:
+        """The dropout rate of a res block whose output has this resolution."""
+        if not self.dropout_resolutions or resolution in self.dropout_resolutions:
+            return self.dropout
+        return 0.0
 
     def _embedding(self, noise_labels: jax.Array, class_labels: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
         """SiLU(MLP(noise features) + label embedding): the vector every res block reads."""
