@@ -52,24 +52,33 @@ class FourierEmbedding(nn.Module):
 
 
 class PositionalEmbedding(nn.Module):
-    """Transformer-style sinusoidal embedding of the noise label (DDPM++ / ADM)."""
+    """Transformer-style sinusoidal embedding of the noise label (DDPM++ / ADM), [cos, sin].
+
+    Frequencies max_positions^(-i / half) for i < half (ADM's timestep_embedding);
+    with `endpoint` max_positions^(-i / (half - 1)), so the last one is exactly
+    1 / max_positions: DDPM++ (score_sde's get_timestep_embedding, EDM's
+    PositionalEmbedding(endpoint=True) in SongUNet).
+    """
 
     features: int
     max_positions: int = 10000
+    endpoint: bool = False
 
     @nn.compact
     def __call__(self, noise_labels: jax.Array) -> jax.Array:
         half = self.features // 2
-        freqs = jnp.exp(-math.log(self.max_positions) * jnp.arange(half, dtype=jnp.float32) / half)
+        steps = jnp.arange(half, dtype=jnp.float32) / (half - 1 if self.endpoint else half)
+        freqs = (1 / self.max_positions) ** steps
         angles = noise_labels[:, None].astype(jnp.float32) * freqs[None, :]
         return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def noise_embedding(kind: str, features: int, fourier_scale: float, name: str | None = None) -> nn.Module:
+def noise_embedding(kind: str, features: int, fourier_scale: float, name: str | None = None, *,
+                    positional_endpoint: bool = False) -> nn.Module:
     if kind == "fourier":
         return FourierEmbedding(features, scale=fourier_scale, name=name)
     if kind == "positional":
-        return PositionalEmbedding(features, name=name)
+        return PositionalEmbedding(features, endpoint=positional_endpoint, name=name)
     raise ValueError(f"Unknown noise embedding {kind!r}; valid: 'fourier', 'positional'.")
 
 

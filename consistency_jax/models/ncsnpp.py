@@ -22,7 +22,11 @@ attention (NIN init_scale 0.1), which is also EDM SongUNet's `init_attn`
 
 DDPM++ (the network ECT fine-tunes, 55,732,739 parameters) is the same module
 with `embedding_type='positional'`, `progressive_input='none'` and
-`resample_filter=(1, 1)` (average-pool down, nearest up).
+`resample_filter=(1, 1)` (average-pool down, nearest up). Its positional
+embedding is score_sde's / SongUNet's (frequencies 10000^(-i / (half - 1))),
+not ADM's; both embeddings feed [sin, cos] to the MLP, as SongUNet does.
+EDM's released DDPM++ and NCSN++ networks convert onto this module
+(`python -m consistency_jax.convert`, tests/test_convert.py checks the parity).
 
 Class conditioning (EDM style): a label embedding of num_classes + 1 rows (the
 last is the null class, for guidance) is added to the noise features before
@@ -148,7 +152,10 @@ class NCSNpp(nn.Module):
         num_features = 2 * self.model_channels if self.embedding_type == "fourier" else self.model_channels
         # The sinusoids stay float32 whatever the compute dtype: their arguments can be large.
         emb = noise_embedding(self.embedding_type, num_features, self.fourier_scale,
-                              name="noise_embed")(noise_labels)
+                              name="noise_embed", positional_endpoint=True)(noise_labels)
+        # [cos, sin] -> [sin, cos]: the feature order of score_sde and of EDM's SongUNet
+        # ("swap sin/cos" after map_noise), so that converted EDM weights apply as they are.
+        emb = jnp.concatenate([emb[:, num_features // 2:], emb[:, :num_features // 2]], axis=-1)
         if self.num_classes > 0:
             emb = emb + nn.Embed(self.num_classes + 1, num_features, name="label_embed")(class_labels)
         dense = functools.partial(nn.Dense, 4 * self.model_channels, dtype=dtype, param_dtype=jnp.float32,
