@@ -1,24 +1,53 @@
 """iCT on class-conditional ImageNet 64x64 (Song & Dhariwal 2023).
 
+Data (once): ILSVRC2012's training images (one folder per class), converted
+with ADM's centre crop (box-halving, bicubic, centre crop: CM's
+cm/image_datasets.py center_crop_arr, the paper's data) into array shards:
+    python -m consistency_jax.data.ilsvrc --train_dir=/data/ILSVRC2012/train \
+        --output_dir=/data/imagenet64_adm --image_size=64
+
 Run:
-    python -m consistency_jax.main --config=configs/imagenet64_ict.py --workdir=/path/to/workdir
+    python -m consistency_jax.main --config=configs/imagenet64_ict.py --workdir=/path/to/workdir \
+        --config.data.path=/data/imagenet64_adm \
+        --config.eval.reference=/data/VIRTUAL_imagenet64_labeled.npz
+
+TFDS's `imagenet_resized/64x64` also works (--config.data.name=imagenet_resized/64x64
+--config.data.data_dir=...), but it is not the paper's preprocessing: it
+squashes whole images to 64x64 instead of cropping their centre.
 
 Published FID (50k samples): 1-step 4.02, 2-step 3.20 (2-step through
-sigma = 1.526).
+sigma = 1.526), against ADM's ImageNet 64x64 reference batch
+(VIRTUAL_imagenet64_labeled.npz from openai/guided-diffusion's evaluations/,
+as CM's scripts/launch.sh uses ref_batches/imagenet64.npz); with the default
+eval.reference='train' the FID is against this run's own training images.
 
 Network: the ADM U-Net as EDM and CM configure it for ImageNet 64 (192
 channels, multipliers 1, 2, 3, 4, 3 res blocks, attention at 32/16/8 with
-64-channel heads, scale-shift norm, positional embedding), class-conditional
-with a null class: 295,900,035 parameters (published: 295.9M). Dropout 0.2.
-Computed in bfloat16 with float32 params and optimizer state (the paper's
-code trains in mixed precision).
+64-channel heads, scale-shift norm, positional embedding, N(0, 1) label
+embedding), class-conditional with a null class: 295,900,035 parameters
+(published: 295.9M). Dropout 0.2 in every res block (model.dropout_resolutions
+= (): all resolutions).
+
+Dropout placement (issue 9 item 9): whether iCT applies ImageNet's dropout only
+to feature maps of 16x16 and below (as Hoogeboom et al. 2023's simple
+diffusion, and as sCM's EDM2 configs do: NVlabs/FastGen
+fastgen/configs/experiments/EDM2/config_scm_xl.py, dropout_resolutions
+[16, 8]) could not be confirmed: the iCT paper's text beyond its abstract was
+not readable from this project's sources, and iCT's code is not public.
+Unconfirmed; `--config.model.dropout_resolutions=16,8` gives the
+16x16-and-below variant, the default keeps dropout everywhere (as ECT's
+ImageNet-64 ADM setting in NVlabs/FastGen
+fastgen/configs/experiments/EDM/config_cm_in64.py, dropout 0.2 throughout).
 
 Unconfirmed (SPEC marks the ImageNet numbers so; override on the command
 line when better values are known): batch 4096, 800k iterations, dropout
 0.2, EMA 0.99997, RAdam lr 1e-4, c_noise = 1000 ln(sigma) / 4 (the CM
-ImageNet code's convention for ADM's positional embedding), random flips.
+ImageNet code's convention for ADM's positional embedding:
+cm/karras_diffusion.py, rescaled_t), random flips.
 Training otherwise as cifar10_ict.py: curriculum 10 to 1280, lognormal index
 distribution (-1.1, 2.0), pseudo-Huber c = 0.00054 sqrt(12288) = 0.0599.
+
+Precision: BF16_NOTE
 
 Hardware: not recorded in SPEC (unconfirmed). Cost: 210.7 GFLOP per forward
 pass per image, 800k * 4096 * 4 * 210.7e9 = 2.8e21 FLOP: about 32 days at a
@@ -46,6 +75,7 @@ def adm_model(config: ml_collections.ConfigDict, num_res_blocks: int) -> ml_coll
     model.attn_resolutions = (32, 16, 8)
     model.num_head_channels = 64
     model.dropout = 0.2
+    model.dropout_resolutions = ()  # (): every res block; (16, 8): 16x16 and below (unconfirmed, see above)
     model.embedding_type = "positional"
     model.fourier_scale = 16.0  # unused with the positional embedding
     model.scale_shift_norm = True
@@ -70,7 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.parametrization.c_noise = "cm"
 
-    config.data.name = "imagenet_resized/64x64"
+    # ILSVRC2012 with ADM's centre crop (see the docstring); set data.path.
+    config.data.name = "array_shards"
     config.data.image_size = 64
     config.data.num_channels = 3
     config.data.num_classes = 1000
