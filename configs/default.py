@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.batch_size = 64  # global batch, over all devices and hosts
     train.num_steps = 1000
     train.ema_rates = (0.999,)  # evaluation EMAs kept in the train state
+    # Power-function EMAs (EDM2, consistency_jax/phema.py), one per relative width sigma_rel in (0, 0.2887);
+    # kept after the ema_rates ones. Two or more allow post-hoc reconstruction of other widths.
+    train.ema_sigma_rels = ()
     train.log_every = 100
     train.sample_every = 1000  # PNG sample grid into the workdir; 0: off
     train.checkpoint_every = 1000
@@ -81,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     # re-noising it and before returning it, as the CM PyTorch code's
     # karras_sample (clip_denoised=True) does.
     sampling.clip_denoised = True
+    sampling.ema_sigma_rel = 0.0  # > 0: sample from the power-function EMA of this sigma_rel instead
 
     # Evaluation (end of training and --mode=eval).
     config.eval = ev = ml_collections.ConfigDict()
@@ -95,6 +99,16 @@ def get_config() -> ml_collections.ConfigDict:
     ev.reference = "train"
     # Inception weights: a directory or file; None: ~/.cache/consistency_jax (see README).
     ev.inception_dir = ml_collections.FieldReference(None, field_type=str)
+
+    # Zero-shot editing with a consistency model (--mode=edit; consistency_jax/evaluation/edit.py).
+    config.edit = edit = ml_collections.ConfigDict()
+    edit.task = "inpaint"  # 'inpaint', 'colorize', 'superres', 'stroke'
+    # A PNG, or an .npz with uint8 'images' [N, H, W(, C)] (optional 'masks', int 'labels'); results go beside it.
+    edit.images = ml_collections.FieldReference(None, field_type=str)
+    edit.masks = ml_collections.FieldReference(None, field_type=str)  # inpaint: PNG / .npz 'masks'; white = fill
+    edit.steps = 4  # noise levels: a Karras grid from sigma_start down
+    edit.sigma_start = -1.0  # first noise level; -1: sigma_max (stroke: 10)
+    edit.label = -1  # class-conditional models, when the .npz has no 'labels': this class
 
     # Device mesh: axis sizes, -1 = all remaining devices.
     config.mesh = mesh = ml_collections.ConfigDict()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from consistency_jax import checkpointing, methods, parallel, teachers
+from consistency_jax import checkpointing, methods, parallel, phema, teachers
 from consistency_jax.data import pipeline
 from consistency_jax.evaluation import reference_stats
 from consistency_jax.methods.base import Method
@@ -67,6 +67,13 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     _require(all(0 <= r < 1 for r in train.ema_rates),
              f"config.training.ema_rates must lie in [0, 1), got {tuple(train.ema_rates)}.")
     reference_stats.check_reference(config.eval)
+    _require(all(0 < s < phema.MAX_SIGMA_REL for s in train.ema_sigma_rels),
+             f"config.training.ema_sigma_rels (power-function EMA widths) must lie in (0, "
+             f"{phema.MAX_SIGMA_REL:.4f}), got {tuple(train.ema_sigma_rels)}.")
+    _require(config.sampling.ema_sigma_rel == 0 or config.sampling.ema_sigma_rel in train.ema_sigma_rels,
+             f"config.sampling.ema_sigma_rel={config.sampling.ema_sigma_rel} is not one of the power-function "
+             f"EMAs this run keeps (config.training.ema_sigma_rels={tuple(train.ema_sigma_rels)}); 0 selects "
+             f"by config.sampling.ema_rate.")
     sampler_method = methods.get_method(config.method.name)
     for steps in {config.sampling.num_steps, *config.eval.steps}:
         sampler_method.check_sampler(config, steps)
@@ -100,7 +107,9 @@ class Experiment:
     def init_state(self, rng: jax.Array, teacher_params: Any | None) -> TrainState:
         params = self.method.init_params(self.init_params(rng), teacher_params)
         method_state = self.method.init_state(params, teacher_params)
-        return create_train_state(params, self.optimizer, len(self.config.training.ema_rates), rng, method_state)
+        train = self.config.training
+        num_emas = len(train.ema_rates) + len(train.ema_sigma_rels)
+        return create_train_state(params, self.optimizer, num_emas, rng, method_state)
 
     @functools.cached_property
     def teacher_shapes(self) -> Any | None:

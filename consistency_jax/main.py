@@ -2,6 +2,8 @@
 
     python -m consistency_jax.main --config=configs/quickstart.py --workdir=/tmp/qs
     python -m consistency_jax.main --config=configs/quickstart.py --workdir=/tmp/qs --mode=sample
+    python -m consistency_jax.main --config=configs/quickstart.py --workdir=/tmp/qs --mode=edit \
+        --config.edit.task=inpaint --config.edit.images=digit.png --config.edit.masks=hole.png
     python -m consistency_jax.main --config=configs/cifar10_ict.py --workdir=... --config.training.batch_size=512
 """
 
@@ -16,9 +18,10 @@ from consistency_jax import parallel
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local or gs://).")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "edit"],
                   "train: train (resuming from the workdir); sample: write samples of a checkpoint to .npz "
-                  "and PNG; eval: write metrics of a checkpoint to JSON.")
+                  "and PNG; eval: write metrics of a checkpoint to JSON; edit: zero-shot editing of "
+                  "config.edit.images with a consistency model (results beside the images).")
 flags.DEFINE_integer("step", None, "Checkpoint step for sample/eval (default: the latest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM, clusters).")
 flags.DEFINE_string("coordinator_address", None,
@@ -65,6 +68,14 @@ def main(argv):
         train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
         generate.run_sample(config, FLAGS.workdir, FLAGS.step)
+    elif FLAGS.mode == "edit":
+        from consistency_jax.evaluation import edit
+
+        try:
+            edit.check_edit_config(config)
+        except ConfigError as e:
+            raise app.UsageError(f"Invalid config: {e}") from e
+        edit.run_edit(config, FLAGS.workdir, FLAGS.step)
     else:
         generate.run_eval(config, FLAGS.workdir, FLAGS.step)
 

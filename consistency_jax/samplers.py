@@ -143,9 +143,9 @@ def heun_sample(denoiser: NetworkFunction, params: Any, rng: jax.Array, shape: t
     denoise = lambda x, sigma: denoiser(params, x, sigma, labels)  # noqa: E731
 
     def churn(x, sigma, gamma, key):
-        sigma_hat = sigma * (1 + gamma)
-        noise = jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * jax.random.normal(key, shape)
-        return x + noise, sigma_hat
+        # sqrt(sigma_hat^2 - sigma^2) written so that it cannot round below 0 (a NaN under XLA's fusion).
+        noise_std = sigma * jnp.sqrt(gamma * (2 + gamma))
+        return x + noise_std * s_noise * jax.random.normal(key, shape), sigma * (1 + gamma)
 
     def step(x, inputs):
         sigma, sigma_next, gamma, key = inputs
@@ -156,7 +156,8 @@ def heun_sample(denoiser: NetworkFunction, params: Any, rng: jax.Array, shape: t
     levels = jnp.asarray(sigmas, jnp.float32)
     x = sigmas[0] * jax.random.normal(init_rng, shape)
     # Every step but the last is a Heun step (one compiled body); the last, to sigma = 0, is Euler.
-    x, _ = jax.lax.scan(step, x, (levels[:-2], levels[1:-1], jnp.asarray(gammas[:-1], jnp.float32), keys[:-1]))
+    if num_levels > 1:
+        x, _ = jax.lax.scan(step, x, (levels[:-2], levels[1:-1], jnp.asarray(gammas[:-1], jnp.float32), keys[:-1]))
     x, sigma_hat = churn(x, levels[-2], gammas[-1], keys[-1])
     return heun_step(denoise, x, sigma_hat, levels[-1], second_order=False)
 
@@ -164,3 +165,76 @@ def heun_sample(denoiser: NetworkFunction, params: Any, rng: jax.Array, shape: t
 def to_uint8(images: jax.Array | Sequence) -> jax.Array:
     """[-1, 1] floats to uint8 0..255."""
     return jnp.clip(jnp.round((jnp.asarray(images) + 1) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedFunction:
+    """Classifier-free guidance of a class-conditional network function: f_null + scale (f_cond - f_null).
+
+    `null_label` is the class the network reserves for "no label" (num_classes, see models/__init__.py),
+    which training feeds with probability label_dropout. Scale 1 is the plain conditional function; each
+    guided call evaluates the network twice (one batch of 2B).
+    """
+
+    fn: NetworkFunction
+    scale: float
+    null_label: int
+
+    @property
+    def sigma_min(self) -> float:
+        return self.fn.sigma_min
+
+    @property
+    def sigma_data(self) -> float:
+        return self.fn.sigma_data
+
+    def __call__(self, params: Any, x: jax.Array, sigma: jax.Array, labels: jax.Array | None = None, *,
+                 train: bool = False, dropout_rng: jax.Array | None = None) -> jax.Array:
+        if labels is None or self.scale == 1:
+            return self.fn(params, x, sigma, labels, train=train, dropout_rng=dropout_rng)
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+        both = self.fn(params, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]),
+                       jnp.concatenate([labels, jnp.full_like(labels, self.null_label)]), train=train,
+                       dropout_rng=dropout_rng)
+        cond, uncond = jnp.split(both, 2)
+        return guide(cond, uncond, self.scale)
+
+    def init(self, rng: jax.Array, image_shape: tuple[int, ...], with_labels: bool) -> Any:
+        return self.fn.init(rng, image_shape, with_labels)
+
+
+def guide(cond: jax.Array, uncond: jax.Array, scale: float) -> jax.Array:
+    """Classifier-free guidance: uncond + scale (cond - uncond); 0 = unconditional, 1 = conditional."""
+    return uncond + scale * (cond - uncond)
+
+
+def edge_skipping_sample(fn: NetworkFunction, params: Any, rng: jax.Array, shape: tuple[int, ...],
+                         sigmas: jax.Array, labels: jax.Array | None = None, eta: float = 1.0) -> jax.Array:
+    """Multistep consistency sampling that keeps part of the model's own noise direction at each re-noising.
+
+    x_0 = f(sigmas[0] z). At each later sigma s, with x_hat = f of the last step, its input x_in at
+    s_prev and eps_hat = (x_in - x_hat) / s_prev:
+        x_in <- x_hat + sqrt(1 - eta^2) s eps_hat + eta sqrt(s^2 - s_min^2) z,     x_hat <- f(x_in, s).
+    The deterministic part is the ODE step of the consistency estimate from s_prev to
+    sqrt(1 - eta^2) s, past the edge s (towards the data); fresh noise of std eta s brings it back to s.
+    eta = 1 is the usual consistency sampler (consistency_sample, fresh noise only); eta = 0 follows
+    the deterministic trajectory. SCT's "edge-skipping multistep sampling (eta)" read this way
+    (CTM's gamma-sampling); SCT's code is not public, so this reading is unconfirmed (SPEC section 4).
+    """
+    if eta == 1:
+        return consistency_sample(fn, params, rng, shape, sigmas, labels)
+    init_rng, step_rng = jax.random.split(rng)
+    x_in = sigmas[0] * jax.random.normal(init_rng, shape)
+    x_hat = fn(params, x_in, sigmas[0], labels)
+
+    def step(carry, inputs):
+        x_in, x_hat, sigma_prev = carry
+        sigma, key = inputs
+        eps_hat = (x_in - x_hat) / sigma_prev
+        fresh = jnp.sqrt(jnp.maximum(sigma**2 - fn.sigma_min**2, 0.0)) * jax.random.normal(key, shape)
+        x_in = x_hat + math.sqrt(1 - eta**2) * sigma * eps_hat + eta * fresh
+        return (x_in, fn(params, x_in, sigma, labels), sigma), None
+
+    keys = jax.random.split(step_rng, sigmas.shape[0] - 1)
+    (_, x_hat, _), _ = jax.lax.scan(step, (x_in, x_hat, sigmas[0]), (sigmas[1:], keys))
+    return x_hat

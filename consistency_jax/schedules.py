@@ -75,3 +75,19 @@ def sample_ict_sigma_pairs(rng: jax.Array, batch_size: int, num_scales: jax.Arra
 def ict_loss_weight(sigma_lo: jax.Array, sigma_hi: jax.Array) -> jax.Array:
     """iCT's lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i)."""
     return 1.0 / (sigma_hi - sigma_lo)
+
+
+def ect_stage(step: jax.Array, steps_per_stage: int) -> jax.Array:
+    """ECT's stage = floor(iteration / d): the gap t - r shrinks by q at every stage."""
+    return jnp.asarray(step, jnp.int32) // steps_per_stage
+
+
+def ect_r(t: jax.Array, stage: jax.Array, q: float, k: float = 8.0, b: float = 1.0) -> jax.Array:
+    """ECT's r(t) = max(t (1 - n(t) / q^(stage + 1)), 0) with n(t) = 1 + k sigmoid(-b t) (SPEC section 4).
+
+    k = 8, b = 1 in both published setups (locuslab/ect training/loss.py t_to_r_sigmoid). A q^-(stage+1)
+    that underflows to 0 in float32 (q = 256 after ~17 stages) gives r = t, the limit.
+    """
+    n = 1 + k * jax.nn.sigmoid(-b * t)
+    decay = jnp.power(jnp.float32(q), -(jnp.asarray(stage, jnp.float32) + 1))
+    return jnp.maximum(t * (1 - n * decay), 0.0)

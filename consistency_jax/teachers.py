@@ -111,7 +111,9 @@ def load_params(config: ml_collections.ConfigDict, teacher: ml_collections.Confi
         field, index = _params_field(fields.teacher_ema_rate, tuple(teacher.training.ema_rates))
         shardings = parallel.state_shardings(shapes, mesh, config.mesh.fsdp_min_size)
         target = checkpointing.abstract_with_shardings(shapes, shardings)
-        wanted = {field: target} if index is None else {field: tuple(target for _ in teacher.training.ema_rates)}
+        # The teacher's ema_params also hold its power-function EMAs (training.ema_sigma_rels), if any.
+        num_emas = len(teacher.training.ema_rates) + len(teacher.training.get("ema_sigma_rels", ()))
+        wanted = {field: target} if index is None else {field: tuple(target for _ in range(num_emas))}
         try:
             _, restored = checkpointer.restore_fields(wanted, step)
         except Exception as e:  # noqa: BLE001 -- reported with the shapes the student expects

@@ -25,7 +25,7 @@ from consistency_jax.data import pipeline
 from consistency_jax.evaluation import generate
 from consistency_jax.experiment import Experiment, create_experiment, validate_config
 from consistency_jax.methods.base import Method
-from consistency_jax.state import TrainState, update_emas
+from consistency_jax.state import TrainState, ema_decays, update_emas
 from consistency_jax.visualization import save_image_grid
 
 
@@ -35,7 +35,7 @@ from consistency_jax.visualization import save_image_grid
 
 
 def train_step(state: TrainState, batch: dict, *, method: Method, optimizer: optax.GradientTransformation,
-               ema_rates: tuple[float, ...]) -> tuple[TrainState, dict]:
+               ema_rates: tuple[float, ...], ema_sigma_rels: tuple[float, ...] = ()) -> tuple[TrainState, dict]:
     """One training step of the method, then the evaluation EMAs.
 
     A non-finite loss or gradient norm leaves the whole state (params,
@@ -44,7 +44,8 @@ def train_step(state: TrainState, batch: dict, *, method: Method, optimizer: opt
     """
     rng = jax.random.fold_in(state.rng, state.step)
     updated, metrics = method.update(state, batch, rng, optimizer)
-    updated = updated.replace(ema_params=update_emas(state.ema_params, updated.params, ema_rates))
+    decays = ema_decays(state.step, ema_rates, ema_sigma_rels)
+    updated = updated.replace(ema_params=update_emas(state.ema_params, updated.params, decays))
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     return new_state.replace(step=state.step + 1), metrics
@@ -52,7 +53,8 @@ def train_step(state: TrainState, batch: dict, *, method: Method, optimizer: opt
 
 def jit_train_step(experiment: Experiment) -> Callable:
     step = functools.partial(train_step, method=experiment.method, optimizer=experiment.optimizer,
-                             ema_rates=tuple(experiment.config.training.ema_rates))
+                             ema_rates=tuple(experiment.config.training.ema_rates),
+                             ema_sigma_rels=tuple(experiment.config.training.ema_sigma_rels))
     return jax.jit(step,
                    in_shardings=(experiment.state_shardings, parallel.batch_sharding(experiment.mesh)),
                    out_shardings=(experiment.state_shardings, parallel.replicated(experiment.mesh)),
@@ -223,7 +225,7 @@ def _log_window(log: MetricsLog, step: int, num_steps: int, window: list[dict[st
 
 def _write_sample_grid(experiment: Experiment, state: TrainState, workdir: str, step: int) -> None:
     config = experiment.config
-    params = generate.select_params(state, tuple(config.training.ema_rates), config.sampling.ema_rate)
+    params = generate.sampling_params(state, config)
     images, _ = generate.generate(experiment, params, min(config.sampling.num_samples, 64), config.sampling.num_steps,
                          config.seed, config.sampling.batch_size)
     if jax.process_index() == 0:

@@ -50,6 +50,32 @@ def select_params(state: TrainState | Weights, ema_rates: tuple[float, ...], ema
     return state.ema_params[list(ema_rates).index(ema_rate)]
 
 
+def sampling_params(state: TrainState | Weights, config: ml_collections.ConfigDict) -> Any:
+    """The params config.sampling names: a power-function EMA (ema_sigma_rel > 0) or select_params's choice.
+
+    A run that keeps power-function EMAs only samples from the first of them by default (ema_rate -1).
+    """
+    sigma_rel = sampling_sigma_rel(config)
+    if sigma_rel:
+        sigma_rels = list(config.training.ema_sigma_rels)
+        if sigma_rel not in sigma_rels:
+            raise ValueError(f"No power-function EMA with sigma_rel {sigma_rel} in this run; it keeps "
+                             f"{tuple(sigma_rels)} (config.training.ema_sigma_rels).")
+        return state.ema_params[len(config.training.ema_rates) + sigma_rels.index(sigma_rel)]
+    return select_params(state, tuple(config.training.ema_rates), config.sampling.ema_rate)
+
+
+def sampling_sigma_rel(config: ml_collections.ConfigDict) -> float:
+    """The sigma_rel of the power-function EMA that sampling uses; 0 when it uses another."""
+    sampling, train = config.sampling, config.training
+    sigma_rels = tuple(train.get("ema_sigma_rels", ()))
+    if sampling.get("ema_sigma_rel", 0.0):
+        return sampling.ema_sigma_rel
+    if sampling.ema_rate < 0 and not train.ema_rates and sigma_rels:
+        return sigma_rels[0]
+    return 0.0
+
+
 def make_sampler(experiment: Experiment, num_steps: int) -> tuple[samplers.Sampler, Callable]:
     """The method's `num_steps` sampler and its jitted (params, rng, labels) -> uint8 images form.
 
@@ -305,7 +331,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None
     experiment = create_experiment(config, workdir=workdir)
     state = restore_weights(experiment, workdir, step)
     sampling = config.sampling
-    params = select_params(state, tuple(config.training.ema_rates), sampling.ema_rate)
+    params = sampling_params(state, config)
     name = f"samples_step{int(state.step)}_{sampling.num_steps}steps"
     chunk_dir = os.path.join(workdir, "samples", f"chunks_{name}_seed{config.seed}")
     images, labels = generate(experiment, params, sampling.num_samples, sampling.num_steps, config.seed,
@@ -316,7 +342,8 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None
         _write_atomically(stem + ".npz", lambda f: np.savez(f, **arrays), binary=True)
         save_image_grid(images[:256], stem + ".png")
         shutil.rmtree(chunk_dir, ignore_errors=True)
-        logging.info("Wrote %d samples to %s.npz and a grid to %s.png", len(images), stem, stem)
+        logging.info("Wrote %d samples (%d network evaluations each) to %s.npz and a grid to %s.png", len(images),
+                     experiment.method.sampler(sampling.num_steps).network_evaluations, stem, stem)
     return stem + ".npz"
 
 
@@ -339,7 +366,7 @@ def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir:
     extractor = extractors.create_feature_extractor(ev, cache_dir=cache_dir, data_config=config.data)
     reference = reference_stats.evaluation_reference(extractor, config, cache_dir)
     ema_rate = config.sampling.ema_rate
-    params = select_params(state, tuple(config.training.ema_rates), ema_rate)
+    params = sampling_params(state, config)
     seed = config.seed + 1
     eval_dir = os.path.join(workdir, "eval")
     chunk_dirs = []
@@ -372,6 +399,7 @@ def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir:
         "ema_rate": _ema_rate_used(config.training.ema_rates, ema_rate),
         "reference": {"config": ev.reference, "source": reference.source, "num_examples": reference.num_examples},
         "clip_denoised": bool(config.sampling.clip_denoised),
+        **({"ema_sigma_rel": sampling_sigma_rel(config)} if sampling_sigma_rel(config) else {}),
         "sigmas": {n: list(experiment.method.sampler(n).sigmas) for n in ev.steps},
         "network_evaluations": {n: experiment.method.sampler(n).network_evaluations for n in ev.steps},
         "results": rows,
@@ -454,8 +482,12 @@ def format_report(result: dict) -> str:
     rows = result["results"]
     keys = sorted({k for row in rows.values() for k in row})
     lines = [f"Evaluation at step {result['checkpoint_step']}: {result['num_samples']} images per row, "
-             f"{result['feature_extractor']} features, EMA {result['ema_rate']}, "
+             f"{result['feature_extractor']} features, EMA "
+             f"{('sigma_rel %g' % result['ema_sigma_rel']) if 'ema_sigma_rel' in result else result['ema_rate']}, "
              f"reference = {result['reference']['source']}",
+             "Network evaluations per sample: " + ", ".join(
+                 f"{n} steps: {nfe}" if int(n) > 1 else f"{n} step: {nfe}"
+                 for n, nfe in result.get("network_evaluations", {}).items()),
              f"{'':24s}" + "".join(f"{k:>14s}" for k in keys)]
     for name, row in rows.items():
         lines.append(f"{name:24s}" + "".join(f"{row.get(k, float('nan')):14.4f}" for k in keys))

@@ -16,9 +16,10 @@ the samplers and the evaluator know a method only through these members:
     after_update(method_state, params, step) -> method_state           e.g. the EMA target
     sampler(num_steps) -> samplers.Sampler                             --mode=sample/eval, grids
 
-`update` defaults to one optimizer step on `loss` followed by `after_update`; a
-method that needs more (ACT: a generator and a discriminator step) overrides
-it. Whatever `update` returns, the loop updates the evaluation EMAs, advances
+`update` defaults to one optimizer step on `loss`, the network's param
+projection (models.project_params: EDM2's forced weight normalisation) and
+`after_update`; a method that needs more (ACT: a generator and a discriminator
+step) overrides it and calls models.project_params after its own steps. Whatever `update` returns, the loop updates the evaluation EMAs, advances
 the step and, when the metrics `loss` or `grad_norm` are not finite, keeps the
 whole previous state. A method instance holds only static things (config
 numbers, the network function, the teacher's network function): everything
@@ -39,7 +40,7 @@ import jax
 import ml_collections
 import optax
 
-from consistency_jax import samplers
+from consistency_jax import models, samplers
 from consistency_jax.parametrization import ConsistencyFunction, NetworkFunction
 
 TEACHER_USES = ("none", "optional", "required")
@@ -115,6 +116,8 @@ class Method:
             state.params, state.method_state, batch, rng, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # Networks with a param constraint (EDM2's forced weight normalisation) project after each step.
+        params = models.project_params(getattr(self.fn, "model", None), params)
         method_state = self.after_update(state.method_state, params, state.step)
         new_state = state.replace(params=params, opt_state=opt_state, method_state=method_state)
         return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}

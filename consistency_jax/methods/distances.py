@@ -19,3 +19,8 @@ def pseudo_huber(a: jax.Array, b: jax.Array, c: float) -> jax.Array:
 
 def squared_l2(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(a - b).reshape(a.shape[0], -1), axis=-1)
+
+
+def l2(a: jax.Array, b: jax.Array) -> jax.Array:
+    """||a - b||_2 over the whole image (ACT's 'l2', not squared); gradient 0 where a == b."""
+    return jnp.sqrt(jnp.maximum(squared_l2(a, b), 1e-30))

@@ -13,6 +13,11 @@ module's own dataclass fields.
 Some params are constants of the network (the Fourier frequencies): they are
 stored with the others but never trained; `trainable_mask` tells them apart
 (layers.FROZEN_PARAM_NAMES says why they live in 'params').
+
+A network whose params must stay on a constraint set after every optimizer step
+(EDM2's forced weight normalisation) defines a static `project_params(params)`;
+`project_params` below applies it (Method.update calls it), other networks
+leave the params as they are.
 """
 
 import dataclasses
@@ -28,9 +33,9 @@ from consistency_jax.models.layers import FROZEN_PARAM_NAMES
 
 def _registry() -> dict[str, type[nn.Module]]:
     # Imported here so that importing the package does not build every network.
-    from consistency_jax.models import adm, ncsnpp
+    from consistency_jax.models import adm, edm2, ncsnpp
 
-    return {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM}
+    return {"ncsnpp": ncsnpp.NCSNpp, "adm": adm.ADM, "edm2": edm2.EDM2UNet}
 
 
 def model_names() -> list[str]:
@@ -55,6 +60,12 @@ def create_model(model_config: ml_collections.ConfigDict, **overrides: Any) -> n
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return cls(**kwargs)
+
+
+def project_params(model: nn.Module | None, params: Any) -> Any:
+    """The network's projection of its params after an optimizer step, if it has one (EDM2's forced WN)."""
+    project = getattr(model, "project_params", None)
+    return project(params) if project is not None else params
 
 
 def trainable_mask(params: Any) -> Any:

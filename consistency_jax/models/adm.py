@@ -10,6 +10,12 @@ encoder and the decoder. Class-conditional with 1000 classes it has
 295,900,035 parameters: the published 295.9M plus the 768 of the extra
 null-class row of the label embedding. The iCT-deep rows use `num_res_blocks=6`.
 
+With `resblock_updown=False` it resamples with a strided 3x3 convolution
+(down) and nearest-neighbour upsampling followed by a 3x3 convolution (up)
+instead of BigGAN-style res blocks: ADM's `resblock_updown=False`, which is
+the DDPM U-Net of diffusers' `UNet2DModel` that ACT trains as its generator
+(configs/*_act.py).
+
 Initialisation as ADM / CM (cm/unet.py): PyTorch's defaults (uniform,
 fan-in) for convs and linears, zeros for the last conv of each block and of
 the output, and N(0, 1) for the label embedding (PyTorch's nn.Embedding; EDM's
@@ -55,6 +61,7 @@ class ADM(nn.Module):
     embedding_type: str = "positional"  # 'positional' (ADM) or 'fourier'
     fourier_scale: float = 16.0  # only for embedding_type='fourier'
     scale_shift_norm: bool = True  # the embedding sets scale and shift of the second norm
+    resblock_updown: bool = True  # False: strided-conv down / nearest+conv up (DDPM, diffusers UNet2DModel)
     num_classes: int = 0  # > 0: class-conditional, with one extra null class
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # recompute res/attention blocks in the backward pass
@@ -90,8 +97,7 @@ class ADM(nn.Module):
         res = x.shape[1]
         for level, mult in enumerate(self.channel_mult):
             if level > 0:
-                h = block(h.shape[-1], resample="down", dropout=self._dropout_at(res // 2),
-                          name=f"enc{res}_down")(h, emb)
+                h = self._resample(block, h, emb, "down", f"enc{res}_down", dtype, self._dropout_at(res // 2))
                 res //= 2
                 skips.append(h)
             for idx in range(self.num_res_blocks):
@@ -113,7 +119,7 @@ class ADM(nn.Module):
                 if res in self.attn_resolutions:
                     h = attention(h.shape[-1], f"dec{res}_attn{idx}")(h)
             if level > 0:
-                h = block(h.shape[-1], resample="up", dropout=self._dropout_at(2 * res), name=f"dec{res}_up")(h, emb)
+                h = self._resample(block, h, emb, "up", f"dec{res}_up", dtype, self._dropout_at(2 * res))
                 res *= 2
 
         h = nn.silu(group_norm(h.shape[-1], _EPS, dtype, name="out_norm")(h))
@@ -126,6 +132,17 @@ class ADM(nn.Module):
         if not self.dropout_resolutions or resolution in self.dropout_resolutions:
             return self.dropout
         return 0.0
+
+    def _resample(self, block, h: jax.Array, emb: jax.Array, direction: str, name: str,
+                  dtype: jnp.dtype, dropout: float) -> jax.Array:
+        """2x down/up between levels: a res block (BigGAN style), or a conv (DDPM style)."""
+        if self.resblock_updown:
+            return block(h.shape[-1], resample=direction, dropout=dropout, name=name)(h, emb)
+        conv = functools.partial(nn.Conv, h.shape[-1], (3, 3), dtype=dtype, param_dtype=jnp.float32,
+                                 kernel_init=torch_default_uniform, name=name)
+        if direction == "down":
+            return conv(strides=(2, 2), padding=((1, 1), (1, 1)))(h)
+        return conv()(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
 
     def _embedding(self, noise_labels: jax.Array, class_labels: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
         """SiLU(MLP(noise features) + label embedding): the vector every res block reads."""

@@ -21,7 +21,7 @@ import numpy as np
 # Chosen over a separate non-trainable collection: every consumer of the params
 # (train state, EMAs, checkpoints, FSDP rules, teachers, conversion) handles
 # them with no extra code path.
-FROZEN_PARAM_NAMES = frozenset({"freqs"})
+FROZEN_PARAM_NAMES = frozenset({"freqs", "phases"})  # phases: EDM2's MPFourier (models/edm2.py)
 
 
 def frozen_param(module: nn.Module, name: str, init: Callable[..., jax.Array], shape: tuple[int, ...]) -> jax.Array:
