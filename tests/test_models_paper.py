@@ -587,6 +587,8 @@ def test_ict_configs_follow_the_spec():
     # ILSVRC2012 with ADM's centre crop (data/ilsvrc.py), not TFDS's squashed imagenet_resized.
     assert imagenet.data.name == "array_shards"
     assert cifar.sampling.clip_denoised and imagenet.sampling.clip_denoised  # CM's karras_sample
+    # float32: bfloat16 measured to break the adjacent-sigma loss (benchmarks/bf16_consistency.py, issue 9 item 7).
+    assert cifar.model.dtype == imagenet.model.dtype == "float32"
 
 
 # ----------------------------------------------------------------------------- slow: full-size ADM
