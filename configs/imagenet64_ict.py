@@ -62,8 +62,9 @@ bf16; same params, images, noise and dropout in both precisions):
 (D = student - teacher; batch noise = relative gradient difference of two
 disjoint float32 batches, scaled by 1/sqrt(batch) to 4096). bfloat16 gets the
 student-teacher difference wrong by about its own size from sigma ~0.1 up, and
-its gradient error (a bias, which a larger batch does not average away) is
-4x the minibatch noise at the paper's batch for iCT's sigma mix.
+its gradient error for iCT's sigma mix is 4x the minibatch noise at the
+paper's batch (whether that rounding error shrinks with the batch, as
+minibatch noise does, was not measured; it is not random noise).
 Hence float32 here (imagenet64_ict_deep too; cifar10_ict was float32 already).
 Not yet measured: the same on a GPU with the ADM network (a GPU session:
 `python -m benchmarks.bf16_consistency --config=configs/imagenet64_ict.py
