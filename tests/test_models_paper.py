@@ -334,6 +334,22 @@ def test_fourier_frequencies_are_params_drawn_from_the_init_rng(tiny_ncsnpp_init
                                np.concatenate([np.cos(angles), np.sin(angles)], -1), atol=1e-5)
 
 
+
+def test_fourier_frequencies_are_restored_from_a_checkpoint(tiny_ncsnpp_init, tmp_path):
+    """A checkpoint brings back its own frequencies, not the ones a fresh init would draw."""
+    from consistency_jax import checkpointing
+
+    saved = {"params": jax.tree.map(np.asarray, tiny_ncsnpp_init)}
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    checkpointer.save(1, saved, {})
+    checkpointer._manager.wait_until_finished()
+    other = jax.eval_shape(lambda: {"params": tiny_ncsnpp_init})  # the structure a resumed run restores into
+    _, restored, _ = checkpointer.restore(other)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["noise_embed"]["freqs"]),
+                                  saved["params"]["noise_embed"]["freqs"])
+    fresh = FourierEmbedding(16, scale=2.0).init(jax.random.key(1), jnp.zeros((1,)))["params"]["freqs"]
+    assert not np.array_equal(np.asarray(fresh), saved["params"]["noise_embed"]["freqs"])
+
 class _EmbedThenDense(nn.Module):
     @nn.compact
     def __call__(self, noise_labels):
