@@ -14,16 +14,25 @@ resident set, which includes compilation). Since other jobs on a shared
 machine slow it down, it also reports the cores XLA can use, the load average
 before and after, and the process CPU time per step.
 
-Where the network, batch and machine kind match a figure of the project's
-reference table BENCHMARKS.md (the PyTorch ECT peer, float32, 2-vCPU CPU;
-copied into PEER_FIGURES), the table also gives the ratio to that figure,
-labelled "vs peer (BENCHMARKS.md)". The peer is not run here: those ratios
-compare with figures an outside harness measured, not with a baseline
-measured in the same run.
+Same-run comparison with the PyTorch peer (--peer_python, --peer_harness):
+the peer's harness (bench_peer.py, the public PyTorch ECT code's SongUNet on
+the same iCT step; ../shared/peer_bench/README.md sets it up, torch in its own
+virtualenv) and this benchmark run interleaved, one process at a time (peer
+train, peer sampling, ours; --rounds times), and the table gives each
+round's figures and the median of the per-round ratios: train and sampling
+images/s and peak RSS, all from this run on this machine (benchmarks/peer.py).
+
+Without the peer: where the network, batch and machine kind match a figure of
+the project's reference table BENCHMARKS.md (float32, 2-vCPU CPU; copied
+into PEER_FIGURES), the table gives the ratio to that figure as a fallback,
+labelled "vs peer (BENCHMARKS.md figures, not this run)": figures an outside
+harness measured on another host, not a baseline measured in the same run.
 
 Usage:
   python -m benchmarks.train_step --config=configs/cifar10_ict.py --batch_size=8 [--steps=5] \
       [--sample_batch=64] [--json_out=results.jsonl] [--config.model.dtype=bfloat16 ...]
+  python -m benchmarks.train_step --config=configs/cifar10_ict.py --batch_size=8 --sample_batch=64 \
+      --peer_python=$PEER/venv/bin/python --peer_harness=$PEER/bench_peer.py [--rounds=2]
 """
 
 import copy
@@ -43,15 +52,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from consistency_jax import parallel, train
+from benchmarks import peer as peer_run
+from consistency_jax import methods, parallel, train
 from consistency_jax.evaluation import generate
 from consistency_jax.experiment import Experiment, create_experiment, validate_config
-from consistency_jax.models import count_params
-
+from consistency_jax.models import count_params, create_model
 
 
 # ----------------------------------------------------------------------------
 # The peer's figures (BENCHMARKS.md): PyTorch ECT, float32, 2-vCPU CPU machine.
+# A fallback for runs without the peer (--peer_python): measured elsewhere.
 # ----------------------------------------------------------------------------
 
 
@@ -157,6 +167,25 @@ def current_rss_bytes() -> int | None:
         return None
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def host_cpu() -> str:
+    """The CPU model and its widest vector unit (XLA CPU speed differs ~3x between AVX2 and AVX-512 hosts)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model}, {isa}"
+
+
 def _process_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -227,7 +256,7 @@ def run_benchmark(config: ml_collections.ConfigDict, batch_size: int | None = No
     _check_positive("sample_batch", sample_batch, allow_zero=True)
     _check_positive("sample_repeats", sample_repeats)
     load_start = os.getloadavg()[0]
-    rss_start = current_rss_bytes()  # imports (TensorFlow via clu, JAX) before any network exists
+    rss_start = current_rss_bytes()  # imports (JAX, orbax; no TensorFlow since train.py dropped clu) before any network exists
     with tempfile.TemporaryDirectory() as directory:
         config = with_synthetic_data(config, directory)
         config.training.batch_size = batch_size
@@ -253,7 +282,8 @@ def run_benchmark(config: ml_collections.ConfigDict, batch_size: int | None = No
         "platform": device.platform,
         "device_kind": device.device_kind,
         "num_devices": experiment.mesh.size,
-        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_cores": cpu_cores(),
+        "host_cpu": host_cpu(),
         "load_avg_1m": [load_start, os.getloadavg()[0]],
         "memory_measure": memory_source,
         "rss_at_start_bytes": rss_start,
@@ -278,8 +308,8 @@ def format_table(result: dict[str, Any]) -> str:
         ("network", f"{result['model']} ({result['dtype']}), {result['param_count']:,} params, {shape}"
                     + (f", {result['num_classes']} classes" if result["num_classes"] else "")),
         ("machine", f"{result['platform']} {result['device_kind']}, {result['num_devices']} device(s), "
-                    f"{result['cpu_cores']} CPU cores, load avg (1 min) {result['load_avg_1m'][0]:.2f} "
-                    f"-> {result['load_avg_1m'][1]:.2f}"),
+                    f"{result['cpu_cores']} CPU cores ({result['host_cpu']}), load avg (1 min) "
+                    f"{result['load_avg_1m'][0]:.2f} -> {result['load_avg_1m'][1]:.2f}"),
         ("train batch", f"{result['batch_size']}"),
         ("compile (train step)", f"{result['compile_s']:.1f} s"),
         ("train step (median)", f"{result['step_s_median']:.3f} s over {result['steps']} steps "
@@ -301,16 +331,19 @@ def format_table(result: dict[str, Any]) -> str:
     peer = result["vs_peer"]
     if peer:
         if "train_speedup" in peer:
-            rows.append(("vs peer (BENCHMARKS.md), train",
+            rows.append(("vs peer (BENCHMARKS.md figures, not this run), train",
                          f"{peer['train_speedup']:.2f}x (peer {peer['train_step_seconds']} s/step, "
                          f"{peer['peak_rss_bytes'] / gb:.1f} GB peak RSS)"))
         if "sample_speedup" in peer:
-            rows.append(("vs peer (BENCHMARKS.md), sampling",
+            rows.append(("vs peer (BENCHMARKS.md figures, not this run), sampling",
                          f"{peer['sample_speedup']:.2f}x (peer {peer['sample_images_per_s']} images/s)"))
     if not result["xla_optimizations"]:
         rows.append(("WARNING", "jax_disable_most_optimizations is on: these timings are not representative"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+PEER_FLAGS = ("peer_python", "peer_harness", "peer_arch", "rounds", "json_out")
 
 
 def _define_flags() -> None:
@@ -322,16 +355,73 @@ def _define_flags() -> None:
     flags.DEFINE_integer("sample_batch", 64, "One-step sampling batch size; 0 skips sampling.")
     flags.DEFINE_integer("sample_repeats", 3, "Timed sampling calls after one warm-up call.")
     flags.DEFINE_string("json_out", None, "Append the result as one JSON line to this file.")
+    flags.DEFINE_string("peer_python", None, "The PyTorch peer's Python (its virtualenv's bin/python): run the "
+                        "peer's harness interleaved with this benchmark and report same-run ratios.")
+    flags.DEFINE_string("peer_harness", None, "The peer's bench_peer.py, with the peer's checkout in src/ beside "
+                        "it (../shared/peer_bench/README.md).")
+    flags.DEFINE_string("peer_arch", None, "The harness's network (ncsnpp, ddpmpp, small, small_ddpmpp); "
+                        "default: the one with this network's parameter count.")
+    flags.DEFINE_integer("rounds", 2, "Same-run comparison: rounds of (peer train, peer sampling, ours).")
     flags.mark_flags_as_required(["config"])
 
 
+def trained_param_count(config: ml_collections.ConfigDict) -> int:
+    """The network's trained parameter count, from shapes alone (nothing is initialised or compiled)."""
+    fn = methods.get_method(config.method.name).make_function(config, create_model(config.model))
+    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    params = jax.eval_shape(lambda rng: fn.init(rng, shape, config.data.num_classes > 0), jax.random.PRNGKey(0))
+    return count_params(params, trainable_only=True)
+
+
+def run_same_run_comparison(args: Any, argv: list[str]) -> tuple[dict[str, Any], str]:
+    """--rounds x (peer train, peer sampling, ours), each its own process; the summary and its table."""
+    harness = peer_run.PeerHarness(python=args.peer_python, script=args.peer_harness, threads=cpu_cores())
+    harness.check()
+    config = args.config
+    batch_size = config.training.batch_size if args.batch_size is None else args.batch_size
+    _check_positive("rounds", args.rounds)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    arch = args.peer_arch or peer_run.peer_arch(trained_param_count(config), image_shape)
+    ours_argv = peer_run.forwarded_argv(argv[1:], PEER_FLAGS)
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    load_start = os.getloadavg()[0]
+    rounds = peer_run.interleave(
+        lambda mode: peer_run.run_peer(harness, arch, mode, batch_size if mode == "train" else args.sample_batch,
+                                       args.steps if mode == "train" else args.sample_repeats),
+        lambda: peer_run.run_ours(ours_argv, repo_root), args.rounds, with_sampling=args.sample_batch > 0)
+    summary = peer_run.summarize(rounds)
+    first_peer = rounds[0]["peer_train"]
+    summary.update({
+        "peer": {"harness": harness.script, "python": harness.python, "arch": arch, "threads": harness.threads,
+                 "torch": first_peer.get("torch"), "params": first_peer.get("params")},
+        "batch_size": batch_size, "sample_batch": args.sample_batch, "steps": args.steps,
+        "host_cpu": host_cpu(), "load_avg_1m": [load_start, os.getloadavg()[0]],
+        "raw": rounds,
+    })
+    header = (f"Same run, interleaved ({args.rounds} x peer train, peer sampling, ours; one process at a time) on "
+              f"{summary['host_cpu']}, {harness.threads} cores, load avg (1 min) {load_start:.2f} -> "
+              f"{summary['load_avg_1m'][1]:.2f}\npeer: {harness.script} --arch {arch} (torch "
+              f"{summary['peer']['torch']}, {summary['peer']['params']:,} params, {harness.threads} threads); "
+              f"train batch {batch_size}, sampling batch {args.sample_batch}")
+    return summary, peer_run.format_same_run(summary, header)
+
+
 def main(argv: list[str]) -> None:
+    args = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    args = flags.FLAGS
-    result = run_benchmark(args.config, args.batch_size, args.steps, args.sample_batch, args.sample_repeats)
-    print(format_table(result))
-    line = json.dumps(result)
+    if bool(args.peer_python) != bool(args.peer_harness):
+        raise app.UsageError("--peer_python and --peer_harness go together: the peer's interpreter and its "
+                             "bench_peer.py (../shared/peer_bench/README.md).")
+    if args.peer_python:
+        summary, table = run_same_run_comparison(args, sys.argv)
+        print(format_table(summary["raw"][-1]["ours"]))
+        print(table)
+        line = json.dumps({"same_run": summary})
+    else:
+        result = run_benchmark(args.config, args.batch_size, args.steps, args.sample_batch, args.sample_repeats)
+        print(format_table(result))
+        line = json.dumps(result)
     print(line)
     if args.json_out:
         with open(args.json_out, "a") as f:

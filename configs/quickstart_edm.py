@@ -7,10 +7,11 @@ Hardware: any CPU. Expected: 1,200 EDM steps at batch 128 with a 0.33M-parameter
 NCSN++, then the evaluation; about 3 to 3.5 minutes on a 2-core AVX-512 CPU
 (up to 10 on a slow AVX2 one); see MEASURED below.
 Expected report: Frechet distance (digits features, 297 images) of EDM's
-Heun sampler (18 noise levels = 35 network evaluations) about 2.6-2.8,
+Heun sampler (18 noise levels = 35 network evaluations) about 2.5-2.8,
 against 1.89 for held-out real digits (the floor) and 257 for the untrained
 network (the ceiling): within 1.5x of the floor.
-MEASURED: see the README section "EDM, CT and CD".
+MEASURED: 2.55 (1.35x the floor), 5:42 wall under a load of 7-12 from other
+jobs (203 s CPU); see the README section "EDM, CT and CD".
 
 Settings: EDM's loss and preconditioning (methods/edm.py; ln sigma ~ N(-1.2,
 1.2^2), sigma_data 0.5), EDM's deterministic Heun sampler. For a short run:

@@ -55,7 +55,7 @@ def main(argv):
 
     config = FLAGS.config
     logging.info("Config:\n%s", config)
-    # Validated before the heavy imports below (TensorFlow via clu), so a bad value fails in seconds.
+    # Validated before the heavy imports below (JAX, orbax), so a bad value fails in seconds.
     try:
         validate_config(config)
     except ConfigError as e:

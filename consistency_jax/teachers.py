@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 from etils import epath
 
 from consistency_jax import checkpointing, methods, parallel
@@ -52,6 +53,9 @@ def teacher_config(config: ml_collections.ConfigDict, workdir: str | None = None
         return _read_config(snapshot)
     teacher_dir = config.method.teacher_workdir
     path = os.path.join(teacher_dir, "config.json")
+    if not epath.Path(teacher_dir).exists():
+        raise TeacherError(f"config.method.teacher_workdir={teacher_dir!r} does not exist. Give the workdir of a "
+                           f"trained diffusion run of this framework (e.g. configs/quickstart_edm.py).")
     if not epath.Path(path).exists():
         raise TeacherError(
             f"config.method.teacher_workdir={teacher_dir!r} is not a workdir of this framework: it has no "
@@ -116,14 +120,34 @@ def load_params(config: ml_collections.ConfigDict, teacher: ml_collections.Confi
         wanted = {field: target} if index is None else {field: tuple(target for _ in range(num_emas))}
         try:
             _, restored = checkpointer.restore_fields(wanted, step)
-        except Exception as e:  # noqa: BLE001 -- reported with the shapes the student expects
+        except Exception as e:  # noqa: BLE001 -- reported with the shapes the teacher's config.json expects
+            differences = _shape_differences(directory, step, field, index, shapes)
+            reason = (f"{len(differences)} arrays differ from the network its config.json describes, e.g. "
+                      + "; ".join(differences[:5]) if differences else f"{type(e).__name__}: {e}")
             raise TeacherError(
-                f"The teacher's params at step {step} in {directory} cannot be read as this network "
-                f"({teacher.model.name}, {sum(x.size for x in jax.tree.leaves(shapes)):,} params): "
-                f"{type(e).__name__}: {e}") from e
+                f"config.method.teacher_workdir={fields.teacher_workdir!r}: its params at step {step} "
+                f"({field}) cannot be read as the network of its config.json ({teacher.model.name}, "
+                f"{sum(x.size for x in jax.tree.leaves(shapes)):,} params): {reason}") from e
     finally:
         checkpointer.close()
     return restored[field] if index is None else restored[field][index]
+
+
+def _shape_differences(directory: str, step: int, field: str, index: int | None, expected: Any) -> list[str]:
+    """'name: expected (..), stored (..)' for each array whose stored shape differs; [] if unknown."""
+    try:
+        metadata = ocp.PyTreeCheckpointer().metadata(epath.Path(directory) / str(step) / "state")
+        stored = metadata.item_metadata.tree[field]
+        stored = stored if index is None else stored[index]
+    except Exception:  # noqa: BLE001 -- no metadata to compare with: the caller reports the read error
+        return []
+    stored_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)
+                     if hasattr(v, "shape")}
+    expected_shapes = {jax.tree_util.keystr(k): tuple(v.shape)
+                       for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+    return [f"{field}{name}: expected {expected_shapes.get(name, 'absent')}, stored {stored_shapes.get(name, 'absent')}"
+            for name in sorted({*stored_shapes, *expected_shapes})
+            if expected_shapes.get(name) != stored_shapes.get(name)]
 
 
 def _params_field(ema_rate: float, ema_rates: tuple[float, ...]) -> tuple[str, int | None]:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 from typing import Callable
 
@@ -18,7 +19,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 
 from consistency_jax import checkpointing, parallel, teachers
 from consistency_jax.data import pipeline
@@ -67,22 +67,44 @@ def jit_train_step(experiment: Experiment) -> Callable:
 
 
 class MetricsLog:
-    """TensorBoard (clu) plus a JSON-lines file in the workdir; process 0 writes."""
+    """TensorBoard scalars, a JSON-lines file in the workdir and the log; process 0 writes the files.
+
+    The event file is written with tensorboard's own writer, not clu's, whose
+    metric_writers package imports TensorFlow (~0.5 GB of the training
+    process's peak RSS on CPU); the log line has clu's LoggingWriter format.
+    """
 
     def __init__(self, workdir: str):
         self._is_writer = jax.process_index() == 0
-        self._writer = metric_writers.create_default_writer(workdir, just_logging=not self._is_writer)
         self._path = os.path.join(workdir, "metrics.jsonl")
+        self._events = None
+        if self._is_writer:
+            # tensorboard's EventFileWriter would import TensorFlow (for gfile) where it is installed.
+            from tensorboard.summary.writer.record_writer import RecordWriter
+
+            name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+            self._events = RecordWriter(open(os.path.join(workdir, name), "ab"))
+            self._add_event(file_version="brain.Event:2")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
-        self._writer.write_scalars(step, scalars)
+        logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items())))
         if self._is_writer:
+            from tensorboard.compat.proto import summary_pb2
+
+            self._add_event(step=step, summary=summary_pb2.Summary(
+                value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]))
             with open(self._path, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
+    def _add_event(self, **fields) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        self._events.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+
     def flush(self) -> None:
-        self._writer.flush()
+        if self._events is not None:
+            self._events.flush()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -158,10 +180,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     pending = None  # (step, device metrics) of the last dispatched step, checked one step late
     window: list[dict[str, float]] = []
     window_start = time.time()
+    untimed, first_step = 0, True  # the window's steps left out of its rate: the first one includes the compile
     try:
         while step < train.num_steps:
             batch = parallel.global_batch(next(data), experiment.mesh)
             state, metrics = train_step_fn(state, batch)
+            if first_step:  # the ETA comes from steady-state steps, not from the compile
+                jax.block_until_ready(metrics)
+                window_start, untimed, first_step = time.time(), 1, False
             step += 1
             # Fetching the previous step's metrics keeps the device queue one step ahead.
             if pending is not None:
@@ -172,8 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step % train.log_every == 0 or at_end or stop:
                 window.append(_fetch(*pending))
                 pending = None
-                window_start = _log_window(log, step, train.num_steps, window, window_start)
-                window = []
+                window_start = _log_window(log, step, train.num_steps, window, window_start, untimed)
+                window, untimed = [], 0
             if train.sample_every and (step % train.sample_every == 0 or at_end):
                 _write_sample_grid(experiment, state, workdir, step)
             if step % train.checkpoint_every == 0 or at_end or stop:
@@ -212,9 +238,11 @@ def _fetch(step: int, metrics: dict) -> dict[str, float]:
 
 
 def _log_window(log: MetricsLog, step: int, num_steps: int, window: list[dict[str, float]],
-                window_start: float) -> float:
+                window_start: float, untimed: int = 0) -> float:
+    """Logs the window's mean metrics and its rate; `untimed` leading steps (the compile) are not in the rate."""
     now = time.time()
-    rate = len(window) / max(now - window_start, 1e-9)
+    timed = len(window) - untimed
+    rate = timed / max(now - window_start, 1e-9) if timed > 0 else 0.0
     means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
     log.write(step, {**means, "steps_per_sec": rate})
     eta = (num_steps - step) / rate if rate > 0 else float("inf")

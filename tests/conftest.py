@@ -12,3 +12,24 @@ import jax  # noqa: E402
 
 # Tiny test models compile much faster without XLA's optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def edm_teacher_workdir(tmp_path_factory):
+    """A workdir of a tiny EDM diffusion run (2 steps, checkpoint at 2, EMA 0.9): a teacher for CD/ECT tests.
+
+    Read-only for the tests that use it: copy it before changing anything in it.
+    """
+    from consistency_jax import methods, train
+    from tests.helpers import tiny_config
+
+    config = tiny_config(num_steps=2)
+    config.method = methods.method_config("edm")
+    config.sampling.num_steps = 3
+    config.eval.steps = (3,)
+    workdir = str(tmp_path_factory.mktemp("edm_teacher"))
+    train.train_and_evaluate(config, workdir)
+    return workdir

@@ -2,9 +2,11 @@
 
 import copy
 import importlib.util
+import json
 import math
 import pathlib
 import statistics
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import bf16_consistency
+from benchmarks import peer
 from benchmarks import train_step as bench
 from consistency_jax.models import create_model
 from tests.helpers import tiny_config
@@ -139,6 +142,113 @@ def test_synthetic_data_keeps_shape_and_classes(tmp_path):
 def test_bad_arguments_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bench.run_benchmark(load_config("quickstart"), **{"batch_size": BATCH, **kwargs})
+
+
+# ----------------------------------------------------------------------------
+# Same-run comparison with the peer (benchmarks/peer.py): the plumbing, with a stand-in harness.
+# ----------------------------------------------------------------------------
+
+FAKE_HARNESS = '''
+import argparse, json, os, sys
+ap = argparse.ArgumentParser()
+for name in ("--arch", "--mode", "--json"):
+    ap.add_argument(name)
+for name in ("--batch", "--steps", "--warmup", "--threads"):
+    ap.add_argument(name, type=int)
+a = ap.parse_args()
+with open(os.environ["FAKE_PEER_LOG"], "a") as log:
+    log.write(json.dumps({"argv": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+if a.arch == "broken":
+    sys.exit("no such network")
+seconds = {"train": 2.0, "sample": 0.5}[a.mode]
+result = dict(arch=a.arch, mode=a.mode, batch=a.batch, torch="fake", params=1, sec_median=seconds,
+              img_per_s=a.batch / seconds, peak_rss_mib={"train": 1000.0, "sample": 500.0}[a.mode])
+print(json.dumps(result))
+with open(a.json, "a") as f:
+    f.write(json.dumps(result) + "\\n")
+'''
+
+
+@pytest.fixture()
+def fake_harness(tmp_path, monkeypatch):
+    script = tmp_path / "bench_peer.py"
+    script.write_text(FAKE_HARNESS)
+    monkeypatch.setenv("FAKE_PEER_LOG", str(tmp_path / "calls.jsonl"))
+    harness = peer.PeerHarness(python=sys.executable, script=str(script), threads=3)
+
+    def calls():
+        return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+
+    return harness, calls
+
+
+def test_peer_harness_runs_with_our_batch_steps_and_threads(fake_harness):
+    harness, calls = fake_harness
+    result = peer.run_peer(harness, "small", "train", batch=32, steps=4)
+    assert result["img_per_s"] == pytest.approx(16.0) and result["peak_rss_mib"] == 1000.0
+    (call,) = calls()
+    argv = dict(zip(call["argv"][::2], call["argv"][1::2]))
+    assert argv["--arch"] == "small" and argv["--mode"] == "train" and argv["--batch"] == "32"
+    assert argv["--steps"] == "4" and argv["--warmup"] == str(peer.PEER_WARMUP) and argv["--threads"] == "3"
+    assert call["omp"] == "3"  # OMP/MKL threads = the cores our process may use
+
+
+def test_a_failing_peer_run_says_what_failed(fake_harness):
+    harness, _ = fake_harness
+    with pytest.raises(RuntimeError, match=r"(?s)peer harness \(train\) failed .*no such network"):
+        peer.run_peer(harness, "broken", "train", batch=8, steps=1)
+
+
+def test_rounds_interleave_peer_and_ours_and_ratios_come_from_each_round(fake_harness):
+    harness, calls = fake_harness
+    order = []
+    ours_train = iter([32.0, 8.0])  # images/s of our two rounds: 2x, then 0.5x the fake peer's 16
+
+    def run_peer_mode(mode):
+        order.append(f"peer {mode}")
+        return peer.run_peer(harness, "small", mode, batch=32 if mode == "train" else 64, steps=2)
+
+    def run_ours():
+        order.append("ours")
+        return {"train_images_per_s": next(ours_train), "peak_memory_train_bytes": 2000 * 2**20,
+                "sample_images_per_s": 256.0, "peak_memory_bytes": 2500 * 2**20}
+
+    rounds = peer.interleave(run_peer_mode, run_ours, rounds=2, with_sampling=True)
+    assert order == ["peer train", "peer sample", "ours"] * 2 and len(calls()) == 4
+    summary = peer.summarize(rounds)
+    assert [r["train_images_per_s"]["ratio"] for r in summary["rounds"]] == pytest.approx([2.0, 0.5])
+    median = summary["median"]
+    assert median["train_images_per_s"]["ratio"] == pytest.approx(1.25)
+    assert median["sample_images_per_s"]["ratio"] == pytest.approx(256.0 / 128.0)
+    assert median["train_peak_rss_bytes"]["ratio"] == pytest.approx(2.0)
+    assert median["sample_peak_rss_bytes"]["ratio"] == pytest.approx(5.0)
+    table = peer.format_same_run(summary, "header")
+    assert "16.00 / 32.00 = 2.00x" in table and "16.00 / 8.00 = 0.50x" in table and "1.25x" in table
+    assert "1.05 GB / 2.10 GB = 2.00x" in table  # 1000 MiB, in GB
+
+
+def test_peer_arch_follows_the_parameter_count():
+    assert peer.peer_arch(56_395_523, (32, 32, 3)) == "ncsnpp"
+    assert peer.peer_arch(1_777_635, (32, 32, 3)) == "small"
+    with pytest.raises(ValueError, match="no network matching"):
+        peer.peer_arch(1_777_635, (64, 64, 3))
+    small = load_config("cifar10_ict")
+    small.model.update(dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2))
+    assert bench.trained_param_count(small) == 1_777_635
+
+
+def test_ours_gets_every_flag_but_the_peers():
+    argv = ["--config=configs/cifar10_ict.py", "--config.model.model_channels=32", "--batch_size=32",
+            "--peer_python", "/venv/bin/python", "--peer_harness=/p/bench_peer.py", "--rounds=3",
+            "--json_out=x.jsonl", "--steps", "5"]
+    assert peer.forwarded_argv(argv, bench.PEER_FLAGS) == [
+        "--config=configs/cifar10_ict.py", "--config.model.model_channels=32", "--batch_size=32", "--steps", "5"]
+
+
+def test_missing_peer_files_fail_clearly(tmp_path):
+    harness = peer.PeerHarness(python=str(tmp_path / "nope"), script=str(tmp_path / "bench_peer.py"), threads=2)
+    with pytest.raises(ValueError, match="--peer_python .* is not a file"):
+        harness.check()
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ from consistency_jax.methods.base import Method
 
 
 def _registry() -> dict[str, type[Method]]:
-    from consistency_jax.methods import act, ect, edm, ict, sct
+    from consistency_jax.methods import act, ct, ect, edm, ict, sct
 
-    return {cls.name: cls for cls in (act.ACT, ect.ECT, edm.EDM, ict.ICT, sct.SCT)}
+    return {cls.name: cls for cls in (act.ACT, ct.CD, ct.CT, ect.ECT, edm.EDM, ict.ICT, sct.SCT)}
 
 
 def method_names() -> list[str]:

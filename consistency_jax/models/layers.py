@@ -131,10 +131,98 @@ def check_image_and_labels(x: jax.Array, noise_labels: jax.Array, class_labels: 
         raise ValueError("class_labels were given to an unconditional model; set num_classes > 0 to use them.")
 
 
-def group_norm(channels: int, eps: float, dtype: jnp.dtype, name: str | None = None) -> nn.GroupNorm:
+# ---------------------------------------------------------------------------
+# GroupNorm and convolutions in the form XLA's CPU backend runs fast. The maths
+# are flax's nn.GroupNorm and lax.conv_general_dilated (float rounding aside:
+# tests/test_numerics_pin.py pins the train step's values); params and their
+# names are the same, so checkpoints and converted weights are unaffected.
+# Profile and timings: benchmarks/README.md.
+
+
+class GroupNorm(nn.Module):
+    """flax.linen.GroupNorm (params 'scale', 'bias'), with its statistics reduced in two steps.
+
+    Flax reduces x viewed as [B, H, W, groups, C/groups] over (H, W, C/groups)
+    at once, which XLA CPU lowers as a slow strided reduction (a quarter of
+    the one-step sampler's time on CPU); here the per-channel sums over H, W
+    come first, then the per-group sums of those. Statistics are float32,
+    Var = E[x^2] - E[x]^2 clipped at 0, as in flax; the output has `dtype`.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"{self.num_groups} groups do not divide {channels} channels.")
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        spatial = tuple(range(1, x.ndim - 1))
+        group_size = channels // self.num_groups
+        count = group_size * math.prod(x.shape[1:-1])
+
+        def group_mean(per_channel_sums: jax.Array) -> jax.Array:  # [B, C] -> the group's mean, [B, C]
+            sums = per_channel_sums.reshape(x.shape[0], self.num_groups, group_size).sum(-1)
+            return jnp.repeat(sums / count, group_size, axis=-1)
+
+        mean = group_mean(jnp.sum(x32, axis=spatial))
+        var = jnp.maximum(0.0, group_mean(jnp.sum(jnp.square(x32), axis=spatial)) - jnp.square(mean))
+        per_example = (slice(None),) + (None,) * len(spatial) + (slice(None),)
+        mul = jax.lax.rsqrt(var + self.epsilon)[per_example] * scale
+        return ((x32 - mean[per_example]) * mul + bias).astype(self.dtype)
+
+
+def group_norm(channels: int, eps: float, dtype: jnp.dtype, name: str | None = None) -> GroupNorm:
     """GroupNorm with min(32, C/4) groups (NCSN++, ADM and EDM all use this rule)."""
-    return nn.GroupNorm(num_groups=min(32, max(1, channels // 4)), epsilon=eps, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+    return GroupNorm(num_groups=min(32, max(1, channels // 4)), epsilon=eps, dtype=dtype,
+                     param_dtype=jnp.float32, name=name)
+
+
+_NHWC_HWIO = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         precision=None) -> jax.Array:
+    """lax.conv_general_dilated, with 2-D convs whose kernel is larger than the image done as one matmul.
+
+    XLA's CPU backend hands a conv to its fast library (YNNPACK) only when
+    the kernel fits inside the unpadded input; a 3x3 conv on a 2x2 map (the
+    quickstart's lowest level) and its input gradient otherwise run as a
+    naive loop nest, ~10x slower than the same sums as a matmul over the
+    zero-padded patches (im2col), which is what this does. Everything else
+    goes to lax unchanged.
+    """
+    kernel = rhs.shape[:2]
+    if (rhs.ndim == 4 and dimension_numbers == _NHWC_HWIO and tuple(window_strides) == (1, 1)
+            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))) and feature_group_count == 1
+            and any(n < k for n, k in zip(lhs.shape[1:3], kernel))):
+        return _conv_as_matmul(lhs, rhs, padding, precision)
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision)
+
+
+def _conv_as_matmul(x: jax.Array, kernel: jax.Array, padding, precision) -> jax.Array:
+    """Stride-1 NHWC x HWIO correlation as [B*H'*W', kh*kw*C] @ [kh*kw*C, O] (im2col)."""
+    kh, kw, channels, features = kernel.shape
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (1, 1), padding)
+    x = jnp.pad(x, [(0, 0), *[tuple(p) for p in padding], (0, 0)])
+    out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    # Patch feature order (i, j, c) matches the kernel's [kh, kw, C, O] flattened to [kh*kw*C, O].
+    patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w, :] for i in range(kh) for j in range(kw)], axis=-1)
+    out = jax.lax.dot_general(patches, kernel.reshape(kh * kw * channels, features),
+                              (((3,), (0,)), ((), ())), precision=precision)
+    return out
+
+
+# flax's nn.Conv (same params and names) through `conv_general_dilated` above.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def _normalized_taps(taps: Sequence[int]) -> np.ndarray:
@@ -244,7 +332,7 @@ class ResBlock(nn.Module):
         check_choice("resample", self.resample, ("none", "up", "down"))
         in_channels = x.shape[-1]
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
-        conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
+        conv = functools.partial(Conv, dtype=self.dtype, param_dtype=jnp.float32)
 
         h = nn.silu(group_norm(in_channels, self.eps, self.dtype, name="norm0")(x))
         if self.resample == "up":

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from consistency_jax.models.layers import (
     ATTENTION_IMPLS,
     AttentionBlock,
+    Conv,
     ResBlock,
     check_choice,
     check_image_and_labels,
@@ -98,7 +99,7 @@ class NCSNpp(nn.Module):
         attention = functools.partial(attn_cls, num_heads=1, skip_scale=skip_scale, eps=_EPS,
                                       attention_impl=self.attention_impl, kernel_init=fan_avg_uniform,
                                       qkv_init=_QKV_INIT, dtype=dtype)
-        conv = functools.partial(nn.Conv, dtype=dtype, param_dtype=jnp.float32, kernel_init=fan_avg_uniform)
+        conv = functools.partial(Conv, dtype=dtype, param_dtype=jnp.float32, kernel_init=fan_avg_uniform)
 
         # Encoder. `aux` is the progressive input: the image, downsampled by a
         # strided FIR conv at every level and merged into the main path.
@@ -137,7 +138,7 @@ class NCSNpp(nn.Module):
                 res *= 2
 
         h = nn.silu(group_norm(h.shape[-1], _EPS, dtype, name="out_norm")(h))
-        out = nn.Conv(x.shape[-1], (3, 3), kernel_init=zeros_init, dtype=dtype, param_dtype=jnp.float32,
+        out = Conv(x.shape[-1], (3, 3), kernel_init=zeros_init, dtype=dtype, param_dtype=jnp.float32,
                       name="out_conv")(h)
         return out.astype(x.dtype)
 
@@ -167,6 +168,6 @@ class NCSNpp(nn.Module):
         """3x3 conv with FIR 2x downsampling, in score_sde's order: filter (stride 1), then strided conv."""
         pad = (len(self.resample_filter) - 1) // 2 + 1
         aux = fir_filter(aux, self.resample_filter, pad)
-        return nn.Conv(channels, (3, 3), strides=(2, 2), padding="VALID", dtype=dtype, param_dtype=jnp.float32,
+        return Conv(channels, (3, 3), strides=(2, 2), padding="VALID", dtype=dtype, param_dtype=jnp.float32,
                        kernel_init=fan_avg_uniform, name=name)(aux)
 
