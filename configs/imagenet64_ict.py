@@ -25,8 +25,8 @@ Network: the ADM U-Net as EDM and CM configure it for ImageNet 64 (192
 channels, multipliers 1, 2, 3, 4, 3 res blocks, attention at 32/16/8 with
 64-channel heads, scale-shift norm, positional embedding, N(0, 1) label
 embedding), class-conditional with a null class: 295,900,035 parameters
-(published: 295.9M). Dropout 0.2 in every res block (model.dropout_resolutions
-= (): all resolutions).
+(published: 295.9M). Dropout 0.2 in every res block (model.dropout_max_resolution
+= 0: all resolutions).
 
 Dropout placement (issue 9 item 9): whether iCT applies ImageNet's dropout only
 to feature maps of 16x16 and below (as Hoogeboom et al. 2023's simple
@@ -34,7 +34,7 @@ diffusion, and as sCM's EDM2 configs do: NVlabs/FastGen
 fastgen/configs/experiments/EDM2/config_scm_xl.py, dropout_resolutions
 [16, 8]) could not be confirmed: the iCT paper's text beyond its abstract was
 not readable from this project's sources, and iCT's code is not public.
-Unconfirmed; `--config.model.dropout_resolutions=16,8` gives the
+Unconfirmed; `--config.model.dropout_max_resolution=16` gives the
 16x16-and-below variant, the default keeps dropout everywhere (as ECT's
 ImageNet-64 ADM setting in NVlabs/FastGen
 fastgen/configs/experiments/EDM/config_cm_in64.py, dropout 0.2 throughout).
@@ -100,7 +100,7 @@ def adm_model(config: ml_collections.ConfigDict, num_res_blocks: int) -> ml_coll
     model.attn_resolutions = (32, 16, 8)
     model.num_head_channels = 64
     model.dropout = 0.2
-    model.dropout_resolutions = ()  # (): every res block; (16, 8): 16x16 and below (unconfirmed, see above)
+    model.dropout_max_resolution = 0  # 0: every res block; 16: 16x16 and below (unconfirmed, see above)
     model.embedding_type = "positional"
     model.fourier_scale = 16.0  # unused with the positional embedding
     model.scale_shift_norm = True

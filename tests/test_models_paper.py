@@ -307,10 +307,10 @@ def res_block_dropouts(model, image_shape=(8, 8, 3)):
     return rates
 
 
-def test_adm_dropout_resolutions_limit_dropout_to_those_feature_maps():
+def test_adm_dropout_max_resolution_limits_dropout_to_those_feature_maps():
     everywhere = res_block_dropouts(ADM(**TINY_ADM, dropout=0.2))
     assert set(everywhere.values()) == {0.2} and len(everywhere) == 10
-    low = res_block_dropouts(ADM(**TINY_ADM, dropout=0.2, dropout_resolutions=(4,)))
+    low = res_block_dropouts(ADM(**TINY_ADM, dropout=0.2, dropout_max_resolution=4))
     # By output resolution: the down block into 4x4 has it, the up block out of 4x4 does not.
     assert {name for name, rate in low.items() if rate} == {
         "enc8_down", "enc4_block0", "mid4_block0", "mid4_block1", "dec4_block0", "dec4_block1"}

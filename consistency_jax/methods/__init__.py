@@ -11,9 +11,10 @@ from consistency_jax.methods.base import Method
 
 
 def _registry() -> dict[str, type[Method]]:
-    from consistency_jax.methods import act, ct, ect, edm, ict, sct
+    from consistency_jax.methods import act, ct, ect, edm, ict, scm, sct, trigflow
 
-    return {cls.name: cls for cls in (act.ACT, ct.CD, ct.CT, ect.ECT, edm.EDM, ict.ICT, sct.SCT)}
+    return {cls.name: cls for cls in (act.ACT, ct.CD, ct.CT, ect.ECT, edm.EDM, ict.ICT, scm.SCMCT, scm.SCMCD,
+                                      sct.SCT, trigflow.TrigFlow)}
 
 
 def method_names() -> list[str]:

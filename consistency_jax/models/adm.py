@@ -55,12 +55,15 @@ class ADM(nn.Module):
     attn_resolutions: tuple[int, ...] = (32, 16, 8)
     num_head_channels: int = 64
     dropout: float = 0.0
-    # Feature-map resolutions whose res blocks use dropout (a block's output
-    # resolution); () = all. (16, 8) is "only at 16x16 and below" (Hoogeboom et al.).
-    dropout_resolutions: tuple[int, ...] = ()
+    # > 0: dropout only in the blocks whose output resolution is at most this (sCM on ImageNet,
+    # after simple diffusion and iCT: 16); 0: in every block.
+    dropout_max_resolution: int = 0
     embedding_type: str = "positional"  # 'positional' (ADM) or 'fourier'
     fourier_scale: float = 16.0  # only for embedding_type='fourier'
     scale_shift_norm: bool = True  # the embedding sets scale and shift of the second norm
+    # sCM's adaptive double normalization (Lu & Song 2024, section 4.1): that scale and
+    # shift pixel-normalised, norm(h) * pnorm(scale) + pnorm(shift).
+    adaptive_double_norm: bool = False
     resblock_updown: bool = True  # False: strided-conv down / nearest+conv up (DDPM, diffusers UNet2DModel)
     num_classes: int = 0  # > 0: class-conditional, with one extra null class
     dtype: str = "float32"  # compute dtype; params are always float32
@@ -78,10 +81,14 @@ class ADM(nn.Module):
 
         block_cls = nn.remat(ResBlock) if self.remat else ResBlock
         attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
-        block = functools.partial(
+        make_block = functools.partial(
             block_cls, resample_filter=(1, 1), project_resampled_skip=False, scale_shift=self.scale_shift_norm,
-            dropout=self.dropout, skip_scale=1.0, eps=_EPS, deterministic=not train,
-            kernel_init=torch_default_uniform, dtype=dtype)
+            adaptive_double_norm=self.adaptive_double_norm, skip_scale=1.0, eps=_EPS,
+            deterministic=not train, kernel_init=torch_default_uniform, dtype=dtype)
+
+        def block(channels: int, out_res: int, **kw) -> nn.Module:
+            limit = self.dropout_max_resolution
+            return make_block(channels, dropout=self.dropout if not limit or out_res <= limit else 0.0, **kw)
 
         def attention(channels: int, name: str) -> nn.Module:
             if channels % self.num_head_channels:
@@ -97,29 +104,27 @@ class ADM(nn.Module):
         res = x.shape[1]
         for level, mult in enumerate(self.channel_mult):
             if level > 0:
-                h = self._resample(block, h, emb, "down", f"enc{res}_down", dtype, self._dropout_at(res // 2))
+                h = self._resample(block, h, emb, "down", f"enc{res}_down", dtype, res // 2)
                 res //= 2
                 skips.append(h)
             for idx in range(self.num_res_blocks):
-                h = block(self.model_channels * mult, dropout=self._dropout_at(res),
-                          name=f"enc{res}_block{idx}")(h, emb)
+                h = block(self.model_channels * mult, res, name=f"enc{res}_block{idx}")(h, emb)
                 if res in self.attn_resolutions:
                     h = attention(h.shape[-1], f"enc{res}_attn{idx}")(h)
                 skips.append(h)
 
-        h = block(h.shape[-1], dropout=self._dropout_at(res), name=f"mid{res}_block0")(h, emb)
+        h = block(h.shape[-1], res, name=f"mid{res}_block0")(h, emb)
         h = attention(h.shape[-1], f"mid{res}_attn")(h)
-        h = block(h.shape[-1], dropout=self._dropout_at(res), name=f"mid{res}_block1")(h, emb)
+        h = block(h.shape[-1], res, name=f"mid{res}_block1")(h, emb)
 
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for idx in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = block(self.model_channels * mult, dropout=self._dropout_at(res),
-                          name=f"dec{res}_block{idx}")(h, emb)
+                h = block(self.model_channels * mult, res, name=f"dec{res}_block{idx}")(h, emb)
                 if res in self.attn_resolutions:
                     h = attention(h.shape[-1], f"dec{res}_attn{idx}")(h)
             if level > 0:
-                h = self._resample(block, h, emb, "up", f"dec{res}_up", dtype, self._dropout_at(2 * res))
+                h = self._resample(block, h, emb, "up", f"dec{res}_up", dtype, 2 * res)
                 res *= 2
 
         h = nn.silu(group_norm(h.shape[-1], _EPS, dtype, name="out_norm")(h))
@@ -127,17 +132,11 @@ class ADM(nn.Module):
                       name="out_conv")(h)
         return out.astype(x.dtype)
 
-    def _dropout_at(self, resolution: int) -> float:
-        """The dropout rate of a res block whose output has this resolution."""
-        if not self.dropout_resolutions or resolution in self.dropout_resolutions:
-            return self.dropout
-        return 0.0
-
     def _resample(self, block, h: jax.Array, emb: jax.Array, direction: str, name: str,
-                  dtype: jnp.dtype, dropout: float) -> jax.Array:
+                  dtype: jnp.dtype, out_res: int) -> jax.Array:
         """2x down/up between levels: a res block (BigGAN style), or a conv (DDPM style)."""
         if self.resblock_updown:
-            return block(h.shape[-1], resample=direction, dropout=dropout, name=name)(h, emb)
+            return block(h.shape[-1], out_res, resample=direction, name=name)(h, emb)
         conv = functools.partial(nn.Conv, h.shape[-1], (3, 3), dtype=dtype, param_dtype=jnp.float32,
                                  kernel_init=torch_default_uniform, name=name)
         if direction == "down":

@@ -67,9 +67,11 @@ class PositionalEmbedding(nn.Module):
     @nn.compact
     def __call__(self, noise_labels: jax.Array) -> jax.Array:
         half = self.features // 2
-        steps = jnp.arange(half, dtype=jnp.float32) / (half - 1 if self.endpoint else half)
+        # float32 at least (the sinusoids' arguments can be large); float64 labels stay float64.
+        dtype = jnp.promote_types(noise_labels.dtype, jnp.float32)
+        steps = jnp.arange(half, dtype=dtype) / (half - 1 if self.endpoint else half)
         freqs = (1 / self.max_positions) ** steps
-        angles = noise_labels[:, None].astype(jnp.float32) * freqs[None, :]
+        angles = noise_labels[:, None].astype(dtype) * freqs[None, :]
         return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
@@ -85,7 +87,8 @@ def noise_embedding(kind: str, features: int, fourier_scale: float, name: str | 
 # ---------------------------------------------------------------------------
 # Building blocks of the paper-scale networks (ncsnpp.py, adm.py).
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+# 'float64' only runs in float64 with jax_enable_x64 (numerical tests, e.g. JVPs against finite differences).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 ATTENTION_IMPLS = ("xla", "dot_product_attention")
 
 Initializer = Callable[..., jax.Array]
@@ -299,7 +302,7 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str) ->
     check_choice("attention_impl", impl, ATTENTION_IMPLS)
     if impl == "dot_product_attention":
         return jax.nn.dot_product_attention(q, k, v)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     weights = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
@@ -309,7 +312,10 @@ class ResBlock(nn.Module):
 
     `emb` is the already SiLU-activated conditioning vector [B, E]. With
     `scale_shift` (ADM) it sets a per-channel scale and shift of the second
-    norm; otherwise (NCSN++) it is added as a bias before that norm. Up/down
+    norm; otherwise (NCSN++) it is added as a bias before that norm. With
+    `adaptive_double_norm` (sCM, Lu & Song 2024 section 4.1) the scale and the
+    shift are pixel-normalised over the channels and replace AdaGN's:
+    norm(h) * pnorm(scale) + pnorm(shift). Up/down
     blocks resample both the residual branch and the skip with the FIR filter.
     The skip gets a 1x1 conv when the channel count changes, and also on every
     up/down block when `project_resampled_skip` (NCSN++ BigGAN blocks).
@@ -320,6 +326,7 @@ class ResBlock(nn.Module):
     resample_filter: tuple[int, ...] = (1, 1)
     project_resampled_skip: bool = False
     scale_shift: bool = False
+    adaptive_double_norm: bool = False
     dropout: float = 0.0
     skip_scale: float = 1.0
     eps: float = 1e-6
@@ -341,10 +348,14 @@ class ResBlock(nn.Module):
             h, x = fir_downsample(h, self.resample_filter), fir_downsample(x, self.resample_filter)
         h = conv(self.out_channels, (3, 3), kernel_init=self.kernel_init, name="conv0")(h)
 
-        num_emb = 2 * self.out_channels if self.scale_shift else self.out_channels
+        scale_shift = self.scale_shift or self.adaptive_double_norm
+        num_emb = 2 * self.out_channels if scale_shift else self.out_channels
         emb_out = dense(num_emb, kernel_init=self.kernel_init, name="emb_proj")(emb)[:, None, None, :]
         norm1 = group_norm(self.out_channels, self.eps, self.dtype, name="norm1")
-        if self.scale_shift:
+        if self.adaptive_double_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = nn.silu(norm1(h) * pixel_norm(scale) + pixel_norm(shift))
+        elif scale_shift:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = nn.silu(norm1(h) * (1 + scale) + shift)
         else:
@@ -356,6 +367,12 @@ class ResBlock(nn.Module):
         if in_channels != self.out_channels or (self.resample != "none" and self.project_resampled_skip):
             x = conv(self.out_channels, (1, 1), kernel_init=self.kernel_init, name="skip")(x)
         return (x + h) * self.skip_scale
+
+
+def pixel_norm(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """x / sqrt(mean over channels of x^2 + eps) (Karras et al. 2018), in float32 at least."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class AttentionBlock(nn.Module):

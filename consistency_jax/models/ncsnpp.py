@@ -27,6 +27,8 @@ embedding is score_sde's / SongUNet's (frequencies 10000^(-i / (half - 1))),
 not ADM's; both embeddings feed [sin, cos] to the MLP, as SongUNet does.
 EDM's released DDPM++ and NCSN++ networks convert onto this module
 (`python -m consistency_jax.convert`, tests/test_convert.py checks the parity).
+sCM's TrigFlow DDPM++ adds `adaptive_double_norm=True` (the time conditioning
+c_noise(t) = t is the parametrization's, see parametrization.TrigFlowFunction).
 
 Class conditioning (EDM style): a label embedding of num_classes + 1 rows (the
 last is the null class, for guidance) is added to the noise features before
@@ -77,6 +79,10 @@ class NCSNpp(nn.Module):
     resample_filter: tuple[int, ...] = (1, 3, 3, 1)
     progressive_input: str = "residual"  # 'residual' (NCSN++) or 'none' (DDPM++)
     skip_rescale: bool = True  # scale every residual sum by 1/sqrt(2)
+    # sCM's adaptive double normalization (Lu & Song 2024, section 4.1): the embedding
+    # sets a pixel-normalised scale and shift of the second norm instead of being added
+    # before it; the sCM networks of the paper (DDPM++ on CIFAR-10 included) use it.
+    adaptive_double_norm: bool = False
     num_classes: int = 0  # > 0: class-conditional, with one extra null class
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # recompute res/attention blocks in the backward pass
@@ -94,8 +100,8 @@ class NCSNpp(nn.Module):
         attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
         block = functools.partial(
             block_cls, resample_filter=tuple(self.resample_filter), project_resampled_skip=True,
-            scale_shift=False, dropout=self.dropout, skip_scale=skip_scale, eps=_EPS,
-            deterministic=not train, kernel_init=fan_avg_uniform, dtype=dtype)
+            scale_shift=False, adaptive_double_norm=self.adaptive_double_norm, dropout=self.dropout,
+            skip_scale=skip_scale, eps=_EPS, deterministic=not train, kernel_init=fan_avg_uniform, dtype=dtype)
         attention = functools.partial(attn_cls, num_heads=1, skip_scale=skip_scale, eps=_EPS,
                                       attention_impl=self.attention_impl, kernel_init=fan_avg_uniform,
                                       qkv_init=_QKV_INIT, dtype=dtype)
