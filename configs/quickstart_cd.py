@@ -9,14 +9,14 @@ flag and which run to give.
 
 Hardware: any CPU. Expected: 500 CD steps at batch 128 (the student starts
 from the teacher's params; each step also runs two teacher evaluations for
-the Heun step), then the evaluation; about 3 minutes on a 2-core AVX-512 CPU (176 s of
+the Heun step), then the evaluation; about 3 minutes on a 2-core AVX-512 CPU (189 s of
 CPU time; up to 10 on a slow AVX2 one).
 Expected report (297 images, digits features): 1-step about 3.3, 2-step
 (sigma 80 -> 0.821) about 3.0, against 1.89 for held-out real digits (the
 floor): within 2.5x (1-step) and 2x (2-step) of the floor.
 MEASURED (teacher /work/runs/edm_quickstart, 18-step Heun 2.55): 1-step
-3.27 (1.73x the floor), 2-step 3.01 (1.60x); 7:35 wall on a host loaded
-10-13 by other jobs (see the README section "EDM, CT and CD").
+3.27 (1.73x the floor), 2-step 3.01 (1.60x); the command above under
+flock, 7:20 wall (42% of a CPU) on a host loaded 9-14 by other jobs (see the README section "EDM, CT and CD").
 
 Settings: the CM paper's CIFAR-10 CD (methods/ct.py): N = 18, one Heun step
 of the teacher, uniform interval index and weighting, l2 distance, target =
