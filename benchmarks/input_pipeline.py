@@ -4,6 +4,9 @@ Two sources, both 32x32x3 uint8 with 10 labels, random flip on, as in the
 CIFAR-10 configs:
 
   memory        an in-memory array (the path digits, .npz and image folders take)
+  array_shards  memory-mapped .npy shards (data/array_shards.py: what
+                `python -m consistency_jax.data.ilsvrc` writes), read
+                through the page cache (warm after the warm-up batches)
   array_record  a TFDS dataset prepared locally as ArrayRecord with PNG-encoded
                 images (the path cifar10 / imagenet_resized / lsun take: file
                 reads plus PNG decoding), built from random pixels, no download
@@ -13,6 +16,7 @@ Usage:
 """
 
 import json
+import os
 import tempfile
 import time
 
@@ -21,7 +25,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 
 from configs import default
-from consistency_jax.data import pipeline, sources
+from consistency_jax.data import array_shards, pipeline, sources
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch size (one process).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 100, "Timed batches per source, after warm-up.")
@@ -78,6 +82,20 @@ def images_per_second(source, batch_size: int, num_batches: int) -> float:
     return batch_size * num_batches / elapsed
 
 
+def _write_shards(memory: sources.ArraySource, directory: str, shard_size: int) -> sources.FittedSource:
+    """The in-memory images as array shards, opened as the pipeline opens data.name='array_shards'."""
+    os.makedirs(directory)
+    starts = range(0, len(memory), shard_size)
+    for index, start in enumerate(starts):
+        paths = array_shards.shard_paths(directory, index)
+        array_shards.write_array_atomically(paths["images"], memory.images[start:start + shard_size])
+        array_shards.write_array_atomically(paths["labels"], memory.labels[start:start + shard_size])
+    array_shards.write_json_atomically(os.path.join(directory, array_shards.MANIFEST), {
+        "complete": True, "num_shards": len(starts), "num_examples": len(memory), "image_shape": [32, 32, 3],
+        "num_classes": 10})
+    return sources.FittedSource(array_shards.open_shards(directory)[0], 32, 3)
+
+
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
@@ -89,7 +107,8 @@ def main(argv):
         builder = MockCifar10(num_examples=count, data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()
         array_record = sources.FittedSource(builder.as_data_source(split="train"), 32, 3)
-        for name, source in (("memory", memory), ("array_record", array_record)):
+        shards = _write_shards(memory, os.path.join(data_dir, "shards"), shard_size=max(1, count // 4))
+        for name, source in (("memory", memory), ("array_shards", shards), ("array_record", array_record)):
             rate = images_per_second(source, _BATCH_SIZE.value, _NUM_BATCHES.value)
             print(json.dumps({"source": name, "batch_size": _BATCH_SIZE.value, "images_per_s": round(rate)}))
 

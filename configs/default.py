@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.mid_sigma = 0.821  # intermediate sigma of 2-step sampling (iCT CIFAR-10)
     sampling.sigmas = ()  # intermediate sigmas (descending) for samplers of 3 or more steps
     sampling.ema_rate = -1.0  # which EMA to sample from; -1: the first; 0: raw params
+    # Clamp every denoised output of the consistency sampler to [-1, 1] before
+    # re-noising it and before returning it, as the CM PyTorch code's
+    # karras_sample (clip_denoised=True) does.
+    sampling.clip_denoised = True
     sampling.ema_sigma_rel = 0.0  # > 0: sample from the power-function EMA of this sigma_rel instead
 
     # Evaluation (end of training and --mode=eval).
@@ -89,6 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
     ev.every_steps = 0  # periodic evaluation during training; 0: off
     ev.at_end = True  # evaluate (with the real and untrained baselines) when training finishes
     ev.steps = (1, 2)  # sampler step counts to evaluate
+    # What samples are compared with: 'train' (the training set's statistics),
+    # or the path of an ADM reference batch .npz (Inception statistics and
+    # images, e.g. VIRTUAL_imagenet64_labeled.npz), which the ImageNet papers use.
+    ev.reference = "train"
     # Inception weights: a directory or file; None: ~/.cache/consistency_jax (see README).
     ev.inception_dir = ml_collections.FieldReference(None, field_type=str)
 

@@ -18,6 +18,7 @@ from consistency_jax import config_rules as rules
 from consistency_jax.config_rules import ConfigError
 from consistency_jax.data import pipeline, sources
 from consistency_jax.errors import UserError
+from consistency_jax.evaluation import reference_stats
 from consistency_jax.methods.base import Method
 from consistency_jax.models import trainable_mask
 from consistency_jax.parametrization import C_NOISE_KINDS, NetworkFunction
@@ -90,6 +91,7 @@ GENERAL_RULES: dict[str, dict[str, rules.Rule]] = {
         "ema_rate": rules.Float(ge=0, lt=1, special={-1.0: "the first EMA"}, why="0: the raw params"),
         "ema_sigma_rel": rules.Float(ge=0, lt=phema.MAX_SIGMA_REL,
                                      why="0: select by sampling.ema_rate; > 0: a power-function EMA"),
+        "clip_denoised": rules.Flag(),
     },
     "eval": {
         "feature_extractor": rules.Choice(("digits", "inception")),
@@ -98,6 +100,7 @@ GENERAL_RULES: dict[str, dict[str, rules.Rule]] = {
         "at_end": rules.Flag(),
         "steps": rules.Numbers(rules.Int(ge=1), min_len=1, unique=True),
         "inception_dir": rules.Text(),
+        "reference": rules.CheckedElsewhere("reference_stats.check_reference: 'train' or an ADM reference .npz"),
     },
     "edit": {  # --mode=edit (evaluation/edit.py checks the files when it runs)
         "task": rules.Choice(lambda: __import__("consistency_jax.editing", fromlist=["TASKS"]).TASKS),
@@ -169,6 +172,7 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
     models.check_model_config(config)
     methods.check_method_config(config)
     sources.check_data_config(config.data)
+    reference_stats.check_reference(config.eval)
     train, sampling = config.training, config.sampling
     if len(sampling.sigmas) == 1:
         raise ConfigError(f"config.sampling.sigmas={tuple(sampling.sigmas)} is invalid: the 2-step sampler takes "

@@ -6,7 +6,11 @@ sigmas and number of network evaluations.
 
 Multistep consistency sampling (CM paper, Algorithm 1): start at sigma_0 =
 sigma_max, jump to the data with f, re-noise to the next sigma, and repeat.
-One step is the special case of a single sigma.
+One step is the special case of a single sigma. As in the CM PyTorch code
+(openai/consistency_models, cm/karras_diffusion.py: karras_sample with
+clip_denoised=True), every denoised output is clamped to the data range
+[-1, 1] before it is re-noised, and so are the returned images
+(`sampling.clip_denoised`).
 """
 
 import dataclasses
@@ -34,19 +38,31 @@ class Sampler:
     network_evaluations: int
 
 
+def clip_to_data_range(x: jax.Array) -> jax.Array:
+    """Clamps images to the data range [-1, 1] (the samplers' clip_denoised)."""
+    return jnp.clip(x, -1.0, 1.0)
+
+
 def consistency_sample(fn: NetworkFunction, params: Any, rng: jax.Array, shape: tuple[int, ...],
-                       sigmas: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+                       sigmas: jax.Array, labels: jax.Array | None = None, *,
+                       clip_denoised: bool = True) -> jax.Array:
     """x_0 from sigmas[0] * z, then x <- f(x + sqrt(s^2 - s_min^2) z, s) for the later sigmas.
 
-    `sigmas` is a decreasing 1-D array, sigmas[0] usually sigma_max.
+    `sigmas` is a decreasing 1-D array, sigmas[0] usually sigma_max. With
+    `clip_denoised` each f(...) is clamped to [-1, 1] before it is re-noised
+    or returned (CM's karras_sample).
     """
+    def denoise(x, sigma):
+        denoised = fn(params, x, sigma, labels)
+        return clip_to_data_range(denoised) if clip_denoised else denoised
+
     init_rng, step_rng = jax.random.split(rng)
-    x = fn(params, sigmas[0] * jax.random.normal(init_rng, shape), sigmas[0], labels)
+    x = denoise(sigmas[0] * jax.random.normal(init_rng, shape), sigmas[0])
 
     def renoise_and_denoise(x, inputs):
         sigma, key = inputs
         noise_scale = jnp.sqrt(jnp.maximum(sigma**2 - fn.sigma_min**2, 0.0))
-        return fn(params, x + noise_scale * jax.random.normal(key, shape), sigma, labels), None
+        return denoise(x + noise_scale * jax.random.normal(key, shape), sigma), None
 
     keys = jax.random.split(step_rng, sigmas.shape[0] - 1)
     x, _ = jax.lax.scan(renoise_and_denoise, x, (sigmas[1:], keys))
@@ -78,13 +94,19 @@ def sampling_sigmas(config: ml_collections.ConfigDict, num_steps: int) -> tuple[
 
 
 def consistency_sampler(fn: NetworkFunction, config: ml_collections.ConfigDict, num_steps: int) -> Sampler:
-    """The multistep consistency sampler through `sampling_sigmas(config, num_steps)`."""
+    """The multistep consistency sampler through `sampling_sigmas(config, num_steps)`.
+
+    Clamps the denoised outputs when `config.sampling.clip_denoised`.
+    """
     sigmas = sampling_sigmas(config, num_steps)
+    clip_denoised = bool(config.sampling.clip_denoised)
 
     def sample(params, rng, shape, labels):
-        return consistency_sample(fn, params, rng, shape, jnp.asarray(sigmas, jnp.float32), labels)
+        return consistency_sample(fn, params, rng, shape, jnp.asarray(sigmas, jnp.float32), labels,
+                                  clip_denoised=clip_denoised)
 
-    return Sampler(key=("consistency", sigmas), sample=sample, sigmas=sigmas, network_evaluations=len(sigmas))
+    return Sampler(key=("consistency", sigmas, clip_denoised), sample=sample, sigmas=sigmas,
+                   network_evaluations=len(sigmas))
 
 
 def edm_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> tuple[float, ...]:

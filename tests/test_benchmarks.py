@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import bf16_consistency
 from benchmarks import peer
 from benchmarks import train_step as bench
 from consistency_jax.models import create_model
+from tests.helpers import tiny_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 BATCH = 8  # a multiple of the 8 fake devices of conftest
@@ -126,7 +128,7 @@ def test_no_peer_ratio_for_a_different_network_or_machine(change):
 def test_synthetic_data_keeps_shape_and_classes(tmp_path):
     config = load_config("imagenet64_ict")
     synthetic = bench.with_synthetic_data(config, str(tmp_path))
-    assert synthetic.data.name == "npz" and config.data.name == "imagenet_resized/64x64"
+    assert synthetic.data.name == "npz" and config.data.name == "array_shards"
     for field in ("image_size", "num_channels", "num_classes"):
         assert synthetic.data[field] == config.data[field]
     assert synthetic.model.num_classes == 1000
@@ -247,3 +249,16 @@ def test_missing_peer_files_fail_clearly(tmp_path):
     harness = peer.PeerHarness(python=str(tmp_path / "nope"), script=str(tmp_path / "bench_peer.py"), threads=2)
     with pytest.raises(ValueError, match="--peer_python .* is not a file"):
         harness.check()
+
+
+@pytest.mark.slow
+def test_bf16_consistency_benchmark_reports_errors_against_float32():
+    """benchmarks/bf16_consistency.py on the tiny network: its rows, and their figures consistent."""
+    config = tiny_config()
+    result = bf16_consistency.measure(config, train_steps=2, batch=8, num_scales=1281, sigma_targets=[0.33],
+                                      paper_batch=4096)
+    assert [row["pairs"] for row in result["rows"]] == ["sigma 0.3304", "iCT mix"]
+    for row in result["rows"]:
+        assert 0 < row["delta_rel_err"] < 10 and 0 < row["grad_rel_err"] and -1 <= row["grad_cos"] <= 1 + 1e-6
+        assert row["batch_noise_at_paper_batch"] == pytest.approx(row["batch_noise"] * math.sqrt(8 / 4096))
+    assert result["rows"][0]["sigma_gap"] == pytest.approx(0.0094, abs=2e-4)  # adjacent at N = 1281 near 0.33

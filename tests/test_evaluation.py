@@ -315,3 +315,42 @@ def test_load_adm_reference_batches(tmp_path):
 
     with pytest.raises(ValueError, match="Inception statistics"):
         reference_stats.load_adm_reference(with_stats, Digits())
+
+
+def test_adm_reference_features_are_computed_once_and_cached(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(30, 4, 4, 3), dtype=np.uint8)
+    path = str(tmp_path / "VIRTUAL_test.npz")
+    np.savez(path, arr_0=images, mu=rng.normal(size=16), sigma=_random_spd(rng, 16))
+    calls = []
+
+    class Counting(_StubInception):
+        def __call__(self, batch):
+            calls.append(len(batch))
+            return super().__call__(batch)
+
+    first = reference_stats.cached_adm_reference(path, Counting(), str(tmp_path / "cache"))
+    second = reference_stats.cached_adm_reference(path, Counting(), str(tmp_path / "cache"))
+    assert calls == [30]  # the second load reads the cache
+    np.testing.assert_array_equal(second.features, first.features)
+    np.testing.assert_array_equal(second.sigma, first.sigma)
+    assert second.source == first.source == "ADM reference VIRTUAL_test.npz"
+    # A changed file is not served from the stale cache.
+    np.savez(path, arr_0=images[:20], mu=rng.normal(size=16), sigma=_random_spd(rng, 16))
+    os.utime(path, ns=(1, 1))
+    assert len(reference_stats.cached_adm_reference(path, Counting(), str(tmp_path / "cache")).features) == 20
+
+
+@pytest.mark.parametrize("reference,extractor,message", [
+    ("test", "digits", "valid: 'train'"),
+    ("{tmp}/missing.npz", "inception", "is not a file"),
+    ("{tmp}/ref.npz", "digits", "feature_extractor='digits'"),
+])
+def test_eval_reference_is_checked_before_anything_runs(tmp_path, reference, extractor, message):
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2), sigma=np.eye(2))
+    config = ml_collections.ConfigDict({"reference": reference.format(tmp=tmp_path), "feature_extractor": extractor})
+    with pytest.raises(ValueError, match=message):
+        reference_stats.check_reference(config)
+    reference_stats.check_reference(ml_collections.ConfigDict({"reference": "train", "feature_extractor": "digits"}))
+    reference_stats.check_reference(ml_collections.ConfigDict({"reference": str(tmp_path / "ref.npz"),
+                                                               "feature_extractor": "inception"}))

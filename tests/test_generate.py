@@ -1,14 +1,17 @@
 """Sample generation for evaluation: chunked and resumable, --mode=eval's JSON, the best-FID checkpoint."""
 
+import copy
+import dataclasses
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from consistency_jax import checkpointing, experiment, train
-from consistency_jax.evaluation import extractors, generate, metrics, reference_stats
+from consistency_jax.evaluation import extractors, frechet, generate, metrics, reference_stats
 from tests.helpers import tiny_config
 
 BATCH = 8  # one chunk = one sampler batch of 8 images
@@ -131,6 +134,8 @@ def test_eval_mode_writes_the_json_result(tmp_path):
     assert result["feature_extractor"] == "digits"
     assert result["num_samples"] == 16 and result["steps"] == [1, 2] and result["ema_rate"] == 0.9
     assert result["sigmas"] == {"1": [80.0], "2": [80.0, 0.821]}
+    assert result["clip_denoised"] is True
+    assert result["reference"]["config"] == "train" and result["reference"]["source"].startswith("digits train")
     assert set(result["results"]) == {"samples_1step", "samples_2step"}
     for row in result["results"].values():
         assert row["num_samples"] == 16 and row["fid"] > 0 and row["is"] >= 1
@@ -145,6 +150,45 @@ def test_eval_mode_writes_the_json_result(tmp_path):
     expected = metrics.compute_metrics(extractor, images, reference)
     for key in ("fid", "is", "precision", "recall"):
         assert result["results"]["samples_1step"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)
+
+
+class StubInception:
+    """Stands in for the Inception network (no weights offline): features are a fixed function of the pixels."""
+
+    name = "inception"
+
+    def __call__(self, images):
+        flat = images.reshape(len(images), -1).astype(np.float64) / 255
+        return {"pool": flat[:, :16] + 0.5 * flat[:, 16:32], "logits": None}
+
+
+def test_evaluation_against_an_adm_reference_batch(tiny, tmp_path, monkeypatch):
+    """eval.reference = an ADM .npz: FID against its mu/sigma, precision/recall against its images arr_0."""
+    exp, params = tiny
+    monkeypatch.setattr(extractors, "create_feature_extractor", lambda *args, **kwargs: StubInception())
+    rng = np.random.default_rng(0)
+    reference_images = rng.integers(0, 256, (40, 8, 8, 1), np.uint8)
+    a = rng.normal(size=(16, 16))
+    mu, sigma = rng.normal(size=16), a @ a.T / 16 + 0.1 * np.eye(16)
+    path = str(tmp_path / "VIRTUAL_digits_labeled.npz")
+    np.savez(path, arr_0=reference_images, mu=mu, sigma=sigma)
+    config = copy.deepcopy(exp.config)
+    config.eval.update(dict(feature_extractor="inception", reference=path, num_samples=16, steps=(1,)))
+    reference_stats.check_reference(config.eval)
+    adm_exp = dataclasses.replace(exp, config=config, jitted_samplers=exp.jitted_samplers)
+    weights = generate.Weights(step=jnp.int32(7), params=params, ema_params=(params,))
+    generate.evaluate_state(adm_exp, weights, str(tmp_path), 7)
+
+    result = json.load(open(tmp_path / "eval" / "step_00000007.json"))
+    assert result["reference"] == {"config": path, "source": "ADM reference VIRTUAL_digits_labeled.npz",
+                                   "num_examples": 40}
+    images, _ = generate.generate(adm_exp, params, 16, 1, config.seed + 1, config.sampling.batch_size)
+    features = StubInception()(images)["pool"]
+    row = result["results"]["samples_1step"]
+    assert row["fid"] == pytest.approx(frechet.frechet_distance(*frechet.feature_statistics(features), mu, sigma),
+                                       rel=1e-6)
+    precision, recall = metrics.precision_recall(StubInception()(reference_images)["pool"], features)
+    assert (row["precision"], row["recall"]) == pytest.approx((precision, recall))
 
 
 def test_best_checkpoint_is_replaced_only_on_improvement(tiny, tmp_path):

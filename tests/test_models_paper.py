@@ -292,6 +292,30 @@ def test_adm_init_follows_pytorch_defaults_and_unit_label_embedding():
     assert 0.97 / math.sqrt(kernel.shape[0]) < bound <= 1 / math.sqrt(kernel.shape[0])
 
 
+def res_block_dropouts(model, image_shape=(8, 8, 3)):
+    """{block name: dropout rate} of every res block, read while tracing init (nothing is computed)."""
+    rates = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, ResBlock) and context.method_name == "__call__":
+            rates[context.module.name] = context.module.dropout
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), jnp.zeros((1,)),
+                                          jnp.zeros((1,), jnp.int32), train=True))
+    return rates
+
+
+def test_adm_dropout_max_resolution_limits_dropout_to_those_feature_maps():
+    everywhere = res_block_dropouts(ADM(**TINY_ADM, dropout=0.2))
+    assert set(everywhere.values()) == {0.2} and len(everywhere) == 10
+    low = res_block_dropouts(ADM(**TINY_ADM, dropout=0.2, dropout_max_resolution=4))
+    # By output resolution: the down block into 4x4 has it, the up block out of 4x4 does not.
+    assert {name for name, rate in low.items() if rate} == {
+        "enc8_down", "enc4_block0", "mid4_block0", "mid4_block1", "dec4_block0", "dec4_block1"}
+
+
 # ----------------------------------------------------------------------------- frozen Fourier frequencies (item 8)
 
 
@@ -309,6 +333,22 @@ def test_fourier_frequencies_are_params_drawn_from_the_init_rng(tiny_ncsnpp_init
     np.testing.assert_allclose(embed.apply({"params": {"freqs": stored}}, labels),
                                np.concatenate([np.cos(angles), np.sin(angles)], -1), atol=1e-5)
 
+
+
+def test_fourier_frequencies_are_restored_from_a_checkpoint(tiny_ncsnpp_init, tmp_path):
+    """A checkpoint brings back its own frequencies, not the ones a fresh init would draw."""
+    from consistency_jax import checkpointing
+
+    saved = {"params": jax.tree.map(np.asarray, tiny_ncsnpp_init)}
+    checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    checkpointer.save(1, saved, {})
+    checkpointer._manager.wait_until_finished()
+    other = jax.eval_shape(lambda: {"params": tiny_ncsnpp_init})  # the structure a resumed run restores into
+    _, restored, _ = checkpointer.restore(other)
+    np.testing.assert_array_equal(np.asarray(restored["params"]["noise_embed"]["freqs"]),
+                                  saved["params"]["noise_embed"]["freqs"])
+    fresh = FourierEmbedding(16, scale=2.0).init(jax.random.key(1), jnp.zeros((1,)))["params"]["freqs"]
+    assert not np.array_equal(np.asarray(fresh), saved["params"]["noise_embed"]["freqs"])
 
 class _EmbedThenDense(nn.Module):
     @nn.compact
@@ -560,6 +600,11 @@ def test_ict_configs_follow_the_spec():
     assert (cifar.sampling.mid_sigma, imagenet.sampling.mid_sigma) == (0.821, 1.526)
     assert cifar.model.embedding_type == "fourier" and imagenet.model.embedding_type == "positional"
     assert imagenet.data.num_classes == imagenet.model.num_classes == 1000
+    # ILSVRC2012 with ADM's centre crop (data/ilsvrc.py), not TFDS's squashed imagenet_resized.
+    assert imagenet.data.name == "array_shards"
+    assert cifar.sampling.clip_denoised and imagenet.sampling.clip_denoised  # CM's karras_sample
+    # float32: bfloat16 measured to break the adjacent-sigma loss (benchmarks/bf16_consistency.py, issue 9 item 7).
+    assert cifar.model.dtype == imagenet.model.dtype == "float32"
 
 
 # ----------------------------------------------------------------------------- slow: full-size ADM

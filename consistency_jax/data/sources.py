@@ -12,10 +12,13 @@ Every source is a sequence of examples `{"image": uint8 [H, W, C], "label": int}
   folder                                      a folder of images, decoded once at start
                                               and kept in memory; with num_classes > 0
                                               each sub-folder is a class (sorted names)
+  array_shards                                a directory of memory-mapped uint8 .npy shards
+                                              (data/array_shards.py), e.g. ILSVRC2012 with
+                                              ADM's centre crop (python -m consistency_jax.data.ilsvrc)
 
 Images whose resolution differs from the config's are resized (shorter side to
 `image_size`, box-downsampled then bicubic as in the ADM/CM LSUN preprocessing)
-and centre-cropped; this is how LSUN Cat becomes 256x256.
+and centre-cropped (`adm_center_crop`); this is how LSUN Cat becomes 256x256.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from consistency_jax.data import array_shards
 from consistency_jax.data import digits as digits_lib
 from consistency_jax.errors import UserError, read_file
 
 TFDS_DATASETS = ("cifar10", "imagenet_resized/64x64", "lsun/cat")
 IN_MEMORY_DATASETS = ("digits", "npz", "folder")
-DATASET_NAMES = TFDS_DATASETS + IN_MEMORY_DATASETS
+DATASET_NAMES = TFDS_DATASETS + IN_MEMORY_DATASETS + ("array_shards",)
+PREPROCESS_COMMAND = "python -m consistency_jax.data.ilsvrc --train_dir=DIR --output_dir=OUT --image_size=64"
 BAD_IMAGE_POLICIES = ("error", "skip")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 UNLABELLED = -1
@@ -104,10 +109,16 @@ def fit_image(image: np.ndarray, image_size: int, num_channels: int) -> np.ndarr
     if image.ndim == 3 and image.shape == (image_size, image_size, num_channels):
         return image
     pil = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
-    return _fit_pil_image(pil, image_size, num_channels)
+    return adm_center_crop(pil, image_size, num_channels)
 
 
-def _fit_pil_image(pil: Image.Image, image_size: int, num_channels: int) -> np.ndarray:
+def adm_center_crop(pil: Image.Image, image_size: int, num_channels: int) -> np.ndarray:
+    """ADM's / CM's `center_crop_arr` (openai/consistency_models cm/image_datasets.py): uint8 [S, S, C].
+
+    Converts to RGB (or L), halves with a box filter while the shorter side is
+    at least 2 * image_size, resizes the shorter side to image_size with
+    bicubic (sizes rounded with Python's round), then crops the centre.
+    """
     pil = pil.convert("L" if num_channels == 1 else "RGB")
     # Halve with a box filter while the image is at least twice too large, so the
     # final bicubic step does not alias (the ADM/CM `center_crop_arr`).
@@ -147,18 +158,19 @@ def check_data_config(data_config) -> None:
             f"data.num_classes={data_config.num_classes}, but {data_config.name} {has}; "
             f"set data.num_classes to {known_classes} (class-conditional) or 0 (unconditional)."
         )
-    if data_config.name in ("npz", "folder"):
+    if data_config.name in ("npz", "folder", "array_shards"):
         _check_custom_path(data_config.name, data_config.path)
 
 
 def _check_custom_path(name: str, path: str | None) -> None:
-    expected = "an .npz file" if name == "npz" else "a folder of images"
+    expected = {"npz": "an .npz file", "folder": "a folder of images",
+                "array_shards": f"a directory written by `{PREPROCESS_COMMAND}`"}[name]
     if not path:
         raise DataConfigError(f"data.name={name!r} needs data.path: {expected}.")
     if name == "npz" and not os.path.isfile(path):
         raise DataConfigError(f"data.path={path!r} is not a file; data.name='npz' needs {expected}.")
-    if name == "folder" and not os.path.isdir(path):
-        raise DataConfigError(f"data.path={path!r} is not a directory; data.name='folder' needs {expected}.")
+    if name in ("folder", "array_shards") and not os.path.isdir(path):
+        raise DataConfigError(f"data.path={path!r} is not a directory; data.name={name!r} needs {expected}.")
 
 
 def open_source(data_config, split: str) -> Sequence[dict[str, Any]]:
@@ -168,12 +180,30 @@ def open_source(data_config, split: str) -> Sequence[dict[str, Any]]:
         source = open_tfds_source(data_config.name, split, data_config.data_dir)
         return FittedSource(source, data_config.image_size, data_config.num_channels)
     size, channels, classes = data_config.image_size, data_config.num_channels, data_config.num_classes
+    if data_config.name == "array_shards":
+        return _open_array_shards(data_config.path, split, size, channels, classes)
     if data_config.name == "digits":
         return ArraySource(*_load_digits(split, size, channels, classes))
     if split != "train":
         raise DataConfigError(f"data.name={data_config.name!r} has only the 'train' split, got {split!r}.")
     loader = _load_npz if data_config.name == "npz" else _load_folder
     return ArraySource(*loader(data_config.path, size, channels, classes, data_config.on_bad_image))
+
+
+def _open_array_shards(path: str, split: str, image_size: int, num_channels: int,
+                       num_classes: int) -> Sequence[dict[str, Any]]:
+    if split != "train":
+        raise DataConfigError(f"data.name='array_shards' has only the 'train' split, got {split!r}.")
+    try:
+        source, manifest = array_shards.open_shards(path)
+    except array_shards.ShardsError as error:
+        raise DataConfigError(str(error)) from error
+    if num_classes not in (0, manifest["num_classes"]):
+        raise DataConfigError(
+            f"data.num_classes={num_classes}, but {path} has {manifest['num_classes']} classes; set "
+            f"data.num_classes to {manifest['num_classes']} (class-conditional) or 0 (unconditional).")
+    # Images stored at another resolution are resized on access (the same crop as the preprocessing).
+    return FittedSource(source, image_size, num_channels)
 
 
 def open_tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[dict[str, Any]]:
@@ -345,7 +375,7 @@ def _decode_or_none(path: str, image_size: int, num_channels: int) -> np.ndarray
     try:
         with Image.open(path) as pil:
             pil.load()
-            return _fit_pil_image(pil, image_size, num_channels)
+            return adm_center_crop(pil, image_size, num_channels)
     except (
         OSError,
         ValueError,

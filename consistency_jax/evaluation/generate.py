@@ -379,7 +379,7 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str, step: int | None
 
 def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir: str, step: int,
                    with_baselines: bool = False) -> dict[str, float]:
-    """Metrics of samples at each of config.eval.steps against the training-set statistics.
+    """Metrics of samples at each of config.eval.steps against config.eval.reference (the training set).
 
     With baselines, the same metrics for held-out real images and for 1-step
     samples of the untrained network: the floor and ceiling a result sits between.
@@ -389,8 +389,7 @@ def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir:
     ev = config.eval
     cache_dir = os.path.join(workdir, "eval_cache")
     extractor = extractors.create_feature_extractor(ev, cache_dir=cache_dir, data_config=config.data)
-    reference = reference_stats.reference_statistics(extractor, config.data, cache_dir, split="train",
-                                                     num_examples=None)
+    reference = reference_stats.evaluation_reference(extractor, config, cache_dir)
     ema_rate = config.sampling.ema_rate
     params = sampling_params(state, config)
     seed = config.seed + 1
@@ -423,6 +422,8 @@ def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir:
         "num_samples": ev.num_samples,
         "steps": list(ev.steps),
         "ema_rate": _ema_rate_used(config.training.ema_rates, ema_rate),
+        "reference": {"config": ev.reference, "source": reference.source, "num_examples": reference.num_examples},
+        "clip_denoised": bool(config.sampling.clip_denoised),
         **({"ema_sigma_rel": sampling_sigma_rel(config)} if sampling_sigma_rel(config) else {}),
         "sigmas": {n: list(experiment.method.sampler(n).sigmas) for n in ev.steps},
         "network_evaluations": {n: experiment.method.sampler(n).network_evaluations for n in ev.steps},
@@ -506,7 +507,7 @@ def format_report(result: dict) -> str:
     lines = [f"Evaluation at step {result['checkpoint_step']}: {result['num_samples']} images per row, "
              f"{result['feature_extractor']} features, EMA "
              f"{('sigma_rel %g' % result['ema_sigma_rel']) if 'ema_sigma_rel' in result else result['ema_rate']}, "
-             f"reference = training set",
+             f"reference = {result['reference']['source']}",
              "Network evaluations per sample: " + ", ".join(
                  f"{n} steps: {nfe}" if int(n) > 1 else f"{n} step: {nfe}"
                  for n, nfe in result.get("network_evaluations", {}).items()),

@@ -2,11 +2,18 @@
 
 A reference is tied to the feature space it was computed in (`extractor`),
 so a digits reference can never be compared with Inception features.
+
+`config.eval.reference` picks it for --mode=eval, evaluations during
+training and the JSON report: 'train' (the training set, the default) or the
+path of an ADM evaluator reference batch (.npz, e.g.
+VIRTUAL_imagenet64_labeled.npz from openai/guided-diffusion's evaluations/),
+the reference the ADM, CM and iCT papers report ImageNet FIDs against.
 """
 
 import dataclasses
 import hashlib
 import os
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -108,3 +115,44 @@ def load_adm_reference(path: str, extractor=None) -> ReferenceStats:
         mu, sigma = np.asarray(stored["mu"], np.float64), np.asarray(stored["sigma"], np.float64)
     num_examples = len(features) if features is not None else 0  # 0: the file's statistics do not say
     return ReferenceStats(mu, sigma, features, num_examples, "inception", source)
+
+
+TRAINING_SET = "train"  # config.eval.reference: statistics of the training split
+
+
+def check_reference(eval_config) -> None:
+    """Raises ValueError when config.eval.reference is neither 'train' nor a usable ADM reference batch."""
+    reference = eval_config.reference
+    if reference == TRAINING_SET:
+        return
+    valid = f"valid: {TRAINING_SET!r} (the training set) or the path of an ADM reference batch .npz"
+    if not isinstance(reference, str) or not reference.endswith(".npz"):
+        raise ValueError(f"config.eval.reference={reference!r}; {valid}.")
+    if not os.path.isfile(reference):
+        raise ValueError(f"config.eval.reference={reference!r} is not a file; {valid}.")
+    if eval_config.feature_extractor != "inception":
+        raise ValueError(f"config.eval.reference={reference!r} is an ADM reference batch of Inception statistics, "
+                         f"but config.eval.feature_extractor={eval_config.feature_extractor!r}; set it to "
+                         f"'inception' or use config.eval.reference={TRAINING_SET!r}.")
+
+
+def evaluation_reference(extractor, config, cache_dir: str) -> ReferenceStats:
+    """The reference that config.eval.reference names, cached in cache_dir (see check_reference)."""
+    reference = config.eval.reference
+    if reference == TRAINING_SET:
+        return reference_statistics(extractor, config.data, cache_dir, split="train", num_examples=None)
+    return cached_adm_reference(reference, extractor, cache_dir)
+
+
+def cached_adm_reference(path: str, extractor: Any, cache_dir: str) -> ReferenceStats:
+    """load_adm_reference with the features of its images cached: they take one Inception pass over them."""
+    stat = os.stat(path)
+    identity = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    cached = os.path.join(cache_dir, f"reference_adm_{stem}_{hashlib.sha1(identity.encode()).hexdigest()[:8]}.npz")
+    if os.path.exists(cached):
+        return ReferenceStats.load(cached)
+    stats = load_adm_reference(path, extractor)
+    os.makedirs(cache_dir, exist_ok=True)
+    stats.save(cached)
+    return stats
