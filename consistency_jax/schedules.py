@@ -36,10 +36,23 @@ def ict_num_scales(step: jax.Array, total_steps: int, s0: int = 10, s1: int = 12
     return jnp.minimum(scales, s1) + 1
 
 
-def ct_num_scales(step: jax.Array, total_steps: int, s0: int = 2, s1: int = 150) -> jax.Array:
-    """The original CT curriculum N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1."""
+CT_CURRICULA = ("cm", "act")
+
+
+def ct_num_scales(step: jax.Array, total_steps: int, s0: int = 2, s1: int = 150, code: str = "cm") -> jax.Array:
+    """The original CT sqrt curriculum N(k), as the consistency-models code or the ACT code rounds it.
+
+    'cm' (cm/script_util.py, jcm/losses.py): N = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1, from s0 to
+    s1 + 1 points. 'act' (kong13661/ACT train_cifar10.py, `bins`): N = round(sqrt(k/K (s1^2 - s0^2) + s0^2)),
+    from s0 to s1 points, held at s1 past K.
+    """
+    if code not in CT_CURRICULA:
+        raise ValueError(f"Unknown CT curriculum {code!r}; valid: {', '.join(CT_CURRICULA)}.")
     k = jnp.asarray(step, jnp.float32)
-    n = jnp.ceil(jnp.sqrt(k / total_steps * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+    if code == "act":
+        n = jnp.minimum(jnp.round(jnp.sqrt(k / total_steps * (s1**2 - s0**2) + s0**2)), s1)
+    else:
+        n = jnp.ceil(jnp.sqrt(k / total_steps * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
     return n.astype(jnp.int32)
 
 

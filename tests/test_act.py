@@ -54,13 +54,37 @@ def test_adversarial_weight_l_of_t():
 
 
 def test_curriculum_and_target_rate_follow_the_reference():
-    # N(k) = round(sqrt(k/K (150^2 - 2^2) + 2^2)); mu = exp(2 ln 0.9 / (N - 1)).
-    steps = jnp.array([0, 1, 50_000, 150_000, 300_000])
-    expected_n = [round(math.sqrt(k / 300_000 * (150**2 - 4) + 4)) for k in (0, 1, 50_000, 150_000, 300_000)]
-    np.testing.assert_array_equal(act.act_num_scales(steps, 300_000, 2, 150), expected_n)
-    assert expected_n[0] == 2 and expected_n[-1] == 150
-    mu = act.target_ema_decay(jnp.array([2, 150]), 2, 0.9)
+    # N(k) = round(sqrt(k/K (150^2 - 2^2) + 2^2)), held at 150 past K; mu = exp(2 ln 0.9 / (N - 1)).
+    config = act_config()
+    config.method.curriculum_steps = 300_000
+    method = experiment.create_experiment(config, jax.devices()[:1]).method
+    ks = (0, 1, 50_000, 150_000, 300_000, 400_000)
+    expected_n = [min(round(math.sqrt(k / 300_000 * (150**2 - 4) + 4)), 150) for k in ks]
+    assert expected_n[0] == 2 and expected_n[-2:] == [150, 150] and expected_n[2] == 61
+    np.testing.assert_array_equal(method.num_scales(jnp.array(ks)), expected_n)
+    mu = method.target_decay(jnp.array([0, 300_000]))
     np.testing.assert_allclose(mu, [0.81, math.exp(2 * math.log(0.9) / 149)], rtol=1e-6)
+
+
+def test_ict_base_curriculum_draw_and_weight():
+    """base='ict': iCT's doubling curriculum, lognormal intervals, 1/(s_n - s_{n-1}) on d, no EMA target."""
+    config = act_config()
+    config.method.update(base="ict", s0=10, s1=80, curriculum_steps=400)  # 4 stages of 100 steps: 10, 20, 40, 80
+    method = experiment.create_experiment(config, jax.devices()[:1]).method
+    np.testing.assert_array_equal(method.num_scales(jnp.array([0, 99, 100, 250, 399, 10_000])),
+                                  [11, 11, 21, 41, 81, 81])
+    assert not method.keeps_target()
+    lo, hi = method.draw_intervals(jax.random.key(0), 20_000, jnp.int32(41))
+    grid = (0.002 ** (1 / 7) + np.arange(41) / 40 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    index = np.rint((np.asarray(hi, np.float64) ** (1 / 7) - 0.002 ** (1 / 7))
+                    / (80 ** (1 / 7) - 0.002 ** (1 / 7)) * 40).astype(int)  # hi's place on the grid
+    np.testing.assert_allclose(np.asarray(hi), grid[index], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lo), grid[index - 1], rtol=1e-5)
+    # P(n) proportional to Phi((ln s_n + 1.1) / 2) - Phi((ln s_{n-1} + 1.1) / 2).
+    cdf = np.array([0.5 * math.erfc(-(math.log(s) + 1.1) / (2 * math.sqrt(2))) for s in grid])
+    p = np.diff(cdf) / (cdf[-1] - cdf[0])
+    freq = np.bincount(index - 1, minlength=40) / 20_000
+    np.testing.assert_allclose(freq, p, atol=0.01)
 
 
 def test_generator_objective_by_hand():
@@ -139,7 +163,7 @@ def test_update_applies_each_loss_gradient_to_its_own_network_only(tiny):
     new, metrics = step_fn(exp.create_state(), batch)  # the step donates its input state
 
     gen_batch, fake_batch, real_batch = act.split_batch(batch)
-    num_scales = act.act_num_scales(0, 40, 2, 150)
+    num_scales = jnp.int32(2)  # N(0) = s0
     # The loop's key for step 0, split as update splits it.
     gen_rng, inputs_rng, disc_rng = jax.random.split(jax.random.fold_in(state.rng, 0), 3)
 
@@ -218,8 +242,23 @@ def test_bad_method_fields_are_named(field, value, message):
         methods.check_method_config(config)
 
 
+def test_split_batch_deals_each_group_in_the_ratio():
+    batch = {"image": jnp.arange(16), "label": -jnp.arange(16)}
+    gen, fake, real = act.split_batch(batch)  # the reference's half and quarters, in groups of 4
+    assert (gen["image"].tolist(), fake["image"].tolist(), real["image"].tolist()) == (
+        [0, 1, 4, 5, 8, 9, 12, 13], [2, 6, 10, 14], [3, 7, 11, 15])
+    gen, fake, real = act.split_batch(batch, (6, 1, 1))
+    assert (gen["image"].tolist(), fake["image"].tolist(), real["image"].tolist()) == (
+        [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13], [6, 14], [7, 15])
+    assert real["label"].tolist() == [-7, -15]
+
+
 def test_batch_must_split_into_quarters():
     config = act_config()
     config.training.batch_size = 18
     with pytest.raises(ValueError, match="multiple of 4, got 18"):
+        methods.check_method_config(config)
+    config.method.batch_split = (6, 1, 1)
+    config.training.batch_size = 36
+    with pytest.raises(ValueError, match="multiple of 8, got 36"):
         methods.check_method_config(config)

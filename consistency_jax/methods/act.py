@@ -8,7 +8,8 @@ models/consistency_wrapper.py, models/loss.py, augmentation.py.
 
 One training step (`update`) takes the global batch and splits it: half for
 the generator step, a quarter of generated and a quarter of real images for
-the discriminator step (the reference doubles its per-device batch for this).
+the discriminator step (the reference doubles its per-device batch for this;
+`batch_split` sets another ratio).
 
   generator (first, with D as it was):
     n ~ U{1..N-1} on the N(k)-point Karras grid, z ~ N(0, I)
@@ -35,7 +36,17 @@ state, p and the R1 EMA, so a resumed run continues exactly.
 Curriculum, as in the reference (not the CT paper's formula):
 N(k) = round(sqrt(k / K (s1^2 - s0^2) + s0^2)) points (2 .. s1), and the
 target's EMA rate mu(k) = exp(s0 ln(mu0) / (N(k) - 1)) (0.81 at the start for
-mu0 = 0.9). Where the reference differs from the paper: configs/cifar10_act.py.
+mu0 = 0.9): schedules.ct_num_scales(code='act') and ct.target_ema_rate, the
+functions of CT. Where the reference differs from the paper:
+configs/cifar10_act.py.
+
+`base='ict'` (not in the paper or the reference; configs/quickstart_act.py)
+swaps the CT part for iCT's (methods/ict.py, SPEC section 2): the doubling
+curriculum from s0 to s1 intervals, the lognormal interval draw (p_mean,
+p_std) for the generator's and the discriminator's noise levels, the weight
+1 / (sigma_n - sigma_{n-1}) on d, and the student under stop-gradient as the
+target (no EMA target in the method state). The adversarial term and l(n)
+are unchanged.
 
 Distance: 'pseudo_huber' (iCT's, c = 0.00054 sqrt(d)), 'l2' (the Euclidean
 norm, the reference's 'l2') or 'squared_l2'. The paper trains with LPIPS,
@@ -52,31 +63,20 @@ import optax
 
 from consistency_jax import config_rules as rules
 from consistency_jax import augmentation, schedules
-from consistency_jax.methods import distances
+from consistency_jax.methods import ct, distances
 from consistency_jax.methods.base import Method
 from consistency_jax.models.discriminator import Discriminator
 from consistency_jax.parametrization import c_noise
 from consistency_jax.state import ema_update
 
 DISTANCES = ("pseudo_huber", "l2", "squared_l2")
+BASES = ("ct", "ict")
 DISC_OPTIMIZERS = ("radam", "adam")
 
 
 # ----------------------------------------------------------------------------
 # Schedules and weights (pure functions of traced values).
 # ----------------------------------------------------------------------------
-
-
-def act_num_scales(step: jax.Array, total_steps: int, s0: int, s1: int) -> jax.Array:
-    """The reference's curriculum: N(k) = round(sqrt(k/K (s1^2 - s0^2) + s0^2)) grid points."""
-    k = jnp.asarray(step, jnp.float32)
-    n = jnp.round(jnp.sqrt(k / total_steps * (s1**2 - s0**2) + s0**2))
-    return jnp.minimum(n, s1).astype(jnp.int32)
-
-
-def target_ema_decay(num_scales: jax.Array, s0: int, mu0: float) -> jax.Array:
-    """mu(k) = exp(s0 ln(mu0) / (N(k) - 1)): the reference divides by the number of intervals."""
-    return schedules.ct_target_ema_decay(num_scales - 1, s0, mu0)
 
 
 def adv_exponent(adv_weight: float, adv_weight_mid: float) -> float:
@@ -131,17 +131,22 @@ def update_augmentation(p: jax.Array, r1_ema: jax.Array, r1: jax.Array, *, ema_d
     return p, r1_ema
 
 
-def split_batch(batch: dict) -> tuple[dict, dict, dict]:
-    """(generator half, generated-image quarter, real-image quarter) of the global batch.
+def split_batch(batch: dict, split: tuple[int, int, int] = (2, 1, 1)) -> tuple[dict, dict, dict]:
+    """(generator part, generated-image part, real-image part) of the global batch, in the ratio `split`.
 
-    Examples are dealt round-robin in fours, so each device keeps its own
-    share of every part when its local batch is a multiple of 4.
+    The reference's (2, 1, 1): a generator half and two quarters. Examples are
+    dealt round-robin in groups of sum(split), so each device keeps its own
+    share of every part when its local batch is a multiple of sum(split).
     """
-    def part(value, which):
-        grouped = value.reshape(value.shape[0] // 4, 4, *value.shape[1:])[:, which]
+    group = sum(split)
+    ends = (split[0], split[0] + split[1], group)
+    starts = (0, *ends[:2])
+
+    def part(value, start, end):
+        grouped = value.reshape(value.shape[0] // group, group, *value.shape[1:])[:, start:end]
         return grouped.reshape(-1, *value.shape[1:])
 
-    return tuple({k: part(v, which) for k, v in batch.items()} for which in (slice(0, 2), 2, 3))
+    return tuple({k: part(v, a, b) for k, v in batch.items()} for a, b in zip(starts, ends))
 
 
 # ----------------------------------------------------------------------------
@@ -155,11 +160,20 @@ class ACT(Method):
     @classmethod
     def default_config(cls) -> ml_collections.ConfigDict:
         fields = super().default_config()
-        # Consistency training: the reference's curriculum and EMA target.
-        fields.s0 = 2  # initial number of grid points N
-        fields.s1 = 150  # final N (ImageNet-64: 200)
+        # The consistency part. 'ct': the paper's (the reference's sqrt curriculum, n uniform, EMA target).
+        # 'ict': iCT's instead, not in the paper: the doubling curriculum from s0 to s1 intervals, lognormal
+        # interval draw (p_mean, p_std), weight 1 / (sigma_{n} - sigma_{n-1}), the student under stop-gradient
+        # as the target (target_ema_mu0 unused).
+        fields.base = "ct"
+        fields.s0 = 2  # initial number of grid points N ('ict': of intervals, N - 1)
+        fields.s1 = 150  # final N (ImageNet-64: 200; 'ict': final number of intervals)
         fields.curriculum_steps = -1  # K in N(k); -1: training.num_steps
-        fields.target_ema_mu0 = 0.9  # mu0 of the EMA target (ImageNet-64, LSUN: 0.95)
+        # Of every sum(batch_split) examples of the batch: how many the generator step takes, how many the
+        # discriminator sees as generated images and how many as real ones (the reference: a half, two quarters).
+        fields.batch_split = (2, 1, 1)
+        fields.target_ema_mu0 = 0.9  # mu0 of the EMA target (ImageNet-64, LSUN: 0.95); 'ct' only
+        fields.p_mean = -1.1  # 'ict' only: lognormal interval draw, mean of ln(sigma)
+        fields.p_std = 2.0  # ... and its standard deviation
         fields.distance = "pseudo_huber"  # 'pseudo_huber', 'l2' (norm), 'squared_l2'; the paper's LPIPS: not here
         fields.huber_c = -1.0  # pseudo-Huber c; -1: 0.00054 * sqrt(H * W * C)
         # Adversarial term.
@@ -194,10 +208,14 @@ class ACT(Method):
                 "dtype": rules.Choice(("float32", "bfloat16")),
                 "attention_impl": rules.Choice(("xla", "dot_product_attention"))}
         return {**super().config_rules(),
+                "base": rules.Choice(BASES),
                 "s0": rules.Int(ge=1),
                 "s1": rules.Int(gt="method.s0"),
                 "curriculum_steps": rules.Int(ge=1, special={-1: "training.num_steps"}),
+                "batch_split": rules.Numbers(rules.Int(ge=1), min_len=3, max_len=3),
                 "target_ema_mu0": rules.Float(gt=0, lt=1),
+                "p_mean": rules.Float(),
+                "p_std": rules.Float(gt=0),
                 "distance": rules.Choice(DISTANCES, why="LPIPS needs VGG weights that this framework does not ship"),
                 "huber_c": rules.Float(gt=0, special={-1.0: "0.00054 * sqrt(H * W * C)"}),
                 "adv_weight": rules.Float(ge=0, le=1),
@@ -241,9 +259,11 @@ class ACT(Method):
         if not (f.disc_learning_rate > 0 and 0 <= f.disc_b1 < 1 and 0 <= f.disc_b2 < 1):
             raise ValueError(f"config.method.disc_learning_rate must be > 0 and disc_b1, disc_b2 in [0, 1); got "
                              f"{f.disc_learning_rate}, {f.disc_b1}, {f.disc_b2}.")
-        if config.training.batch_size % 4:
-            raise ValueError(f"ACT splits each batch into a generator half and two discriminator quarters: "
-                             f"config.training.batch_size must be a multiple of 4, got {config.training.batch_size}.")
+        group = sum(f.batch_split)
+        if config.training.batch_size % group:
+            raise ValueError(f"ACT splits each batch in the ratio config.method.batch_split = "
+                             f"{tuple(f.batch_split)} (generator : generated : real): config.training.batch_size "
+                             f"must be a multiple of {group}, got {config.training.batch_size}.")
         size, levels = config.data.image_size, len(f.discriminator.channels)
         if size % 2**levels:
             raise ValueError(f"config.method.discriminator.channels has {levels} levels: it halves the image "
@@ -270,10 +290,16 @@ class ACT(Method):
         labels = jnp.zeros((1,), jnp.int32) if self.num_classes > 0 else None
         return self.discriminator.init({"params": key}, x, jnp.zeros((1,)), labels, train=False)["params"]
 
+    def keeps_target(self) -> bool:
+        """'ct': an EMA target in the method state; 'ict': the student itself under stop-gradient."""
+        return self.fields.base == "ct"
+
     def init_state(self, params, teacher_params):
         disc = self.init_discriminator()
+        # The EMA target network of consistency training ('ct' only).
+        target = {"target": params} if self.keeps_target() else {}
         return {
-            "target": params,  # the EMA target network of consistency training
+            **target,
             "disc": disc,
             "disc_opt": self.disc_optimizer.init(disc),
             "ada_p": jnp.zeros((), jnp.float32),
@@ -283,9 +309,23 @@ class ACT(Method):
 
     def after_update(self, method_state, params, step):
         """The EMA target with mu(k) of the step's N(k)."""
+        if not self.keeps_target():
+            return method_state
+        return {**method_state, "target": ema_update(method_state["target"], params, self.target_decay(step))}
+
+    # -- Curriculum (CT's or iCT's, schedules.py) -----------------------------
+
+    def num_scales(self, step: jax.Array) -> jax.Array:
+        """N(k): 'ct' the reference's rounded sqrt curriculum; 'ict' iCT's doubling one (s0 + 1 .. s1 + 1)."""
         f = self.fields
-        mu = target_ema_decay(act_num_scales(step, self.total_steps, f.s0, f.s1), f.s0, f.target_ema_mu0)
-        return {**method_state, "target": ema_update(method_state["target"], params, mu)}
+        if f.base == "ict":
+            return schedules.ict_num_scales(step, self.total_steps, f.s0, f.s1)
+        return schedules.ct_num_scales(step, self.total_steps, f.s0, f.s1, code="act")
+
+    def target_decay(self, step: jax.Array) -> jax.Array:
+        """mu(k) = exp(s0 ln(mu0) / (N(k) - 1)): the reference divides by the number of intervals."""
+        f = self.fields
+        return ct.target_ema_rate(self.num_scales(step), f.s0, f.target_ema_mu0, "intervals")
 
     # -- Pieces -------------------------------------------------------------
 
@@ -301,13 +341,13 @@ class ACT(Method):
                                         labels if self.num_classes > 0 else None, train=True,
                                         rngs={"dropout": dropout_rng})
 
-    def _grid(self, rng, batch_size, num_scales):
-        """(s_n, s_{n-1}) of the N-point Karras grid with n ~ U{1..N-1}."""
-        param = self.config.parametrization
-        index = jax.random.randint(rng, (batch_size,), 1, num_scales)
-        sigma = lambda i: schedules.karras_sigma(i, num_scales, param.sigma_min, param.sigma_max,  # noqa: E731
-                                                 param.rho)
-        return sigma(index), sigma(index - 1)
+    def draw_intervals(self, rng, batch_size, num_scales):
+        """(s_{n-1}, s_n) of the N-point Karras grid: n ~ U{1..N-1} ('ct'), or iCT's lognormal draw ('ict')."""
+        param, f = self.config.parametrization, self.fields
+        if f.base == "ict":
+            return schedules.sample_ict_sigma_pairs(rng, batch_size, num_scales, f.s1 + 1, f.p_mean, f.p_std,
+                                                    param.sigma_min, param.sigma_max, param.rho)
+        return ct.sample_intervals(rng, batch_size, num_scales, param.sigma_min, param.sigma_max, param.rho)
 
     def _time_weight(self, sigma):
         param, f = self.config.parametrization, self.fields
@@ -320,28 +360,30 @@ class ACT(Method):
         """L_G on the generator's part of the batch; differentiated w.r.t. `params` only."""
         x, labels = batch["image"], batch.get("label")
         index_rng, noise_rng, dropout_rng, aug_rng, disc_rng = jax.random.split(rng, 5)
-        sigma, sigma_prev = self._grid(index_rng, x.shape[0], num_scales)
+        sigma_prev, sigma = self.draw_intervals(index_rng, x.shape[0], num_scales)
         z = jax.random.normal(noise_rng, x.shape, x.dtype)
         b = lambda v: v[:, None, None, None]  # noqa: E731
         student = self.fn(params, x + b(sigma) * z, sigma, labels, train=True, dropout_rng=dropout_rng)
         target = jax.lax.stop_gradient(self.fn(target_params, x + b(sigma_prev) * z, sigma_prev, labels,
                                                train=True, dropout_rng=dropout_rng))
         distance = self.distance(student, target)
+        # 'ict': iCT's lambda = 1 / (s_n - s_{n-1}) on the distance.
+        scale = schedules.ict_loss_weight(sigma_prev, sigma) if self.fields.base == "ict" else 1.0
         logits = self.disc_logits(jax.lax.stop_gradient(disc_params), augmentation.augment(aug_rng, student, ada_p),
                                   sigma, labels, disc_rng)
         weight = self.fields.adv_weight * self._time_weight(sigma)
-        loss = generator_objective(distance, logits, weight)
+        loss = generator_objective(scale * distance, logits, weight)
         return loss, {"distance": jnp.mean(distance), "gen_adv_loss": jnp.mean(jax.nn.softplus(-logits))}
 
     def discriminator_inputs(self, params, ada_p, fake_batch, real_batch, rng, num_scales):
         """Augmented generated and real images with their sigmas, labels and time weights (no gradients)."""
         fake_idx_rng, real_idx_rng, noise_rng, dropout_rng, fake_aug_rng, real_aug_rng = jax.random.split(rng, 6)
         x, fake_labels = fake_batch["image"], fake_batch.get("label")
-        fake_sigma, _ = self._grid(fake_idx_rng, x.shape[0], num_scales)
+        _, fake_sigma = self.draw_intervals(fake_idx_rng, x.shape[0], num_scales)
         noisy = x + fake_sigma[:, None, None, None] * jax.random.normal(noise_rng, x.shape, x.dtype)
         generated = jax.lax.stop_gradient(self.fn(params, noisy, fake_sigma, fake_labels, train=True,
                                                   dropout_rng=dropout_rng))
-        real_sigma, _ = self._grid(real_idx_rng, real_batch["image"].shape[0], num_scales)
+        _, real_sigma = self.draw_intervals(real_idx_rng, real_batch["image"].shape[0], num_scales)
         fake = (augmentation.augment(fake_aug_rng, generated, ada_p), fake_sigma, fake_labels,
                 self._time_weight(fake_sigma))
         real = (augmentation.augment(real_aug_rng, real_batch["image"], ada_p), real_sigma, real_batch.get("label"),
@@ -375,12 +417,12 @@ class ACT(Method):
     def update(self, state, batch, rng, optimizer):
         """The generator step on half the batch, then the discriminator step on the other half."""
         f, ms = self.fields, state.method_state
-        gen_batch, fake_batch, real_batch = split_batch(batch)
-        num_scales = act_num_scales(state.step, self.total_steps, f.s0, f.s1)
+        gen_batch, fake_batch, real_batch = split_batch(batch, tuple(f.batch_split))
+        num_scales = self.num_scales(state.step)
         gen_rng, inputs_rng, disc_rng = jax.random.split(rng, 3)
 
         (gen_loss, gen_metrics), gen_grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
-            state.params, ms["target"], ms["disc"], ms["ada_p"], gen_batch, gen_rng, num_scales)
+            state.params, ms["target"] if self.keeps_target() else state.params, ms["disc"], ms["ada_p"], gen_batch, gen_rng, num_scales)
         updates, opt_state = optimizer.update(gen_grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ms = self.after_update(ms, params, state.step)
@@ -407,7 +449,8 @@ class ACT(Method):
             "gen_loss": gen_loss, "disc_loss": disc_loss,
             "gen_grad_norm": gen_norm, "disc_grad_norm": disc_norm,
             "ada_p": p, "r1_ema": r1_ema, "num_scales": num_scales,
-            "target_ema": target_ema_decay(num_scales, f.s0, f.target_ema_mu0),
         }
+        if self.keeps_target():
+            metrics["target_ema"] = self.target_decay(state.step)
         metrics.pop("r1")  # zero on most steps; r1_ema carries it
         return state.replace(params=params, opt_state=opt_state, method_state=ms), metrics

@@ -57,6 +57,11 @@ def sample_intervals(rng: jax.Array, batch_size: int, num_scales: jax.Array, sig
     return lo, hi
 
 
+def target_ema_rate(num_scales: jax.Array, s0: int, mu0: float, denominator: str = "intervals") -> jax.Array:
+    """mu(k) = exp(s0 ln(mu0) / M) with M = N(k) - 1 ('intervals': the CM and ACT code) or N(k) ('scales')."""
+    return schedules.ct_target_ema_decay(num_scales - 1 if denominator == "intervals" else num_scales, s0, mu0)
+
+
 def per_example_distance(kind: str, a: jax.Array, b: jax.Array, huber_c: float) -> jax.Array:
     if kind == "l2":
         return distances.squared_l2(a, b) / (a[0].size)
@@ -205,9 +210,7 @@ class CT(_ConsistencyMethod):
 
     def target_decay(self, step):
         fields = self.fields
-        n = self.num_scales(step)
-        return schedules.ct_target_ema_decay(n - 1 if fields.mu_denominator == "intervals" else n, fields.s0,
-                                             fields.mu0)
+        return target_ema_rate(self.num_scales(step), fields.s0, fields.mu0, fields.mu_denominator)
 
     def lower_point(self, method_state, x, z, x_hi, sigma_lo, sigma_hi, labels):
         return x + sigma_lo[:, None, None, None] * z
