@@ -14,7 +14,8 @@ t - r shrinks to n(t)/256 of t, the gap of locuslab/ect's run_ecm_1hour.sh, q = 
 
 Measured with /work/runs/edm_main as the teacher (main's quickstart_edm.py, 1,200 steps, 18-step Heun
 (35 evaluations) 2.515; floor 1.886), AVX-512 EPYC host shared with other jobs (load 3-7), 297 images, digits
-features, EMA 0.99: 1-step 61.03, 2-step 2.92 (target 1.5 x 2.515 = 3.77: met). SCT with the same recipe
+features, EMA 0.99, the command above: 1-step 61.03, 2-step 2.92 (target 1.5 x 2.515 = 3.77: met), wall 1:17
+(user 83 s, load 2.9-3.4). SCT with the same recipe
 (quickstart_sct.py): 1-step 54.75, 2-step 2.89. ECT 2-step by mid sigma on the same checkpoint
 (--mode=eval --config.sampling.mid_sigma=...): 3.0: 3.05, 4.0: 2.92, 5.0: 2.93.
 
