@@ -30,11 +30,11 @@ def get_config():
     config.method.segments = 8
     config.method.teacher_steps_start = 64
     config.method.teacher_steps_end = 1280
-    config.method.anneal_steps = 500
+    config.method.anneal_steps = 300
 
-    config.training.num_steps = 1000
+    config.training.num_steps = 600
     config.training.ema_rates = (0.99,)
-    config.training.sample_every = 500
+    config.training.sample_every = 300
 
     config.sampling.num_steps = 8
     config.eval.steps = (1, 2, 4, 8)

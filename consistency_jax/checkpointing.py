@@ -135,15 +135,17 @@ def _jitted_summary(mesh: jax.sharding.Mesh | None) -> Callable:
 def array_summaries(tree: Any) -> dict[str, tuple[str, bool]]:
     """{path: (digest hex, all finite)} for every array of `tree` (global arrays, any sharding)."""
     with_paths = jax.tree_util.tree_leaves_with_path(tree)
-    # With several processes each summary is a cross-process collective; XLA CPU may run dispatched programs in a
-    # different order on each process, and two processes waiting in different collectives deadlock. One at a time
-    # there; a single process keeps them all in flight.
-    one_at_a_time = jax.process_count() > 1
+    # The summary of a split array (FSDP, or any array with several processes) is a collective across devices.
+    # XLA CPU runs the programs dispatched to its devices on a thread pool, not in dispatch order per device: two
+    # devices waiting in different programs' all-reduces deadlock until XLA aborts the process (seen with 8 fake
+    # devices and fsdp=2; with two processes too). Those summaries run one at a time; the others stay in flight.
+    several_processes = jax.process_count() > 1
     results = []
     for _, leaf in with_paths:
         sharding = getattr(leaf, "sharding", None)
         result = _jitted_summary(sharding.mesh if isinstance(sharding, NamedSharding) else None)(leaf)
-        results.append(jax.block_until_ready(result) if one_at_a_time else result)
+        collective = several_processes or (sharding is not None and not sharding.is_fully_replicated)
+        results.append(jax.block_until_ready(result) if collective else result)
     results = jax.device_get(results)
     return {path_name(path): (f"{int(sums[0]):08x}{int(sums[1]):08x}", bool(finite))
             for (path, _), (sums, finite) in zip(with_paths, results)}
