@@ -117,4 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Arrays with fewer elements stay replicated under FSDP: splitting them
     # saves little memory and costs a collective each.
     mesh.fsdp_min_size = 2**14
+    # CPU runs only: split the host into this many devices (one per core runs
+    # the batch's shares in parallel: parallel.use_cpu_devices); 0 = XLA's one.
+    mesh.cpu_devices = 0
     return config

@@ -21,15 +21,17 @@ and the discriminator's noise levels, pseudo-Huber weighted by
 1 / (sigma_n - sigma_{n-1}), and the student under stop-gradient as the
 target. The paper configs (cifar10_act.py, ...) keep the paper's CT base.
 
-Measured 2026-11-26 (AVX-512 EPYC, 2 cores shared with other jobs, load
-average 4.9 at the start and 8.6 at the end, so the wall time, 6 min 34 s,
-is not representative: 290 s of user CPU time; 12-15 steps/s under that
-load (the CT-base run below made 23 steps/s at load average ~2); peak RSS
-2.8 GB; not yet timed on a quiet host, estimated ~3.5 min). Report (digits features, 297 images):
+Measured 2026-11-26 23:32 UTC with this exact command in a fresh workdir, alone
+on a quiet 2-core AVX-512 AMD EPYC (flock, load ~2): 3 min 06 s wall (24
+steps/s after the compile; peak RSS 2.8 GB), within the ~3.3 min that 10
+minutes on an AVX2-only host allows. Report (digits features, 297 images):
 Frechet distance 4.58 for 1-step and 4.90 for 2-step samples; held-out real
 digits (floor) 1.89; untrained network (ceiling) 257.2. The iCT quickstart
-(batch 128, 2,000 steps) reaches 2.89 / 2.75 on the same host: the issue's
-target (1-step no worse than iCT's at a quarter of the batch) is NOT met.
+(batch 128, 2,000 steps) reaches 2.83-2.89 / 2.75-3.66 on the same host: the
+issue's target (1-step no worse than iCT's at a quarter of the batch) is NOT
+met. One CPU device (mesh.cpu_devices = 0, overriding the iCT quickstart's 2):
+split over two devices this config ran at 19 steps/s (4:08) and, with other
+float rounding, gave 5.04 / 5.57; evaluating that run with EMA 0.995 gave 5.39.
 The discriminator: accuracy 0.66 at step 100, 0.56-0.62 from step 500 on
 (mean logits real +0.02..+0.14, generated -0.01..-0.13); the augmentation
 probability stayed 0 throughout: the R1 EMA starts at the threshold 1e4 and
@@ -77,5 +79,6 @@ def get_config() -> ml_collections.ConfigDict:
                                             num_head_channels=32, output_norm=True))
 
     config.training.batch_size = 32  # a quarter of the iCT quickstart's 128
+    config.mesh.cpu_devices = 0  # one CPU device: 24 steps/s against 19 split over two (16-image generator steps)
     config.training.num_steps = 3000
     return config

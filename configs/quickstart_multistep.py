@@ -3,14 +3,13 @@
 Run:
     python -m consistency_jax.main --config=configs/quickstart_multistep.py --workdir=/tmp/quickstart_multistep
 
-Expected report (Frechet distance, digits features, 297 images, EMA 0.99, reference = training set), the
-docstring command in a fresh workdir under the timing lock, AVX-512 2-core host, 2026-11-26 19:24-19:39 UTC:
-    S = 1, 2, 4, 8 steps: 108.0, 10.8, 2.19, 1.17;  held-out floor (real_test) 1.89;  untrained 257.3
-Wall 15:29 (user 400 s + sys 57 s, 49% of a CPU) under a load of 14 falling to 4 from other jobs (incl. this
-helper's own CD run until 19:38): 0.4-1.2 steps/s while loaded, 2.8 steps/s once the host quietened, so on a
-quiet host expect about 6-7 min (1000 steps at ~2.8/s plus compile and the 4-row evaluation), not 3.5.
-An earlier untimed run of the same config and code: 107.0, 10.5, 2.05, 1.10.
-The distance falls from 1 to 4 steps and 8 steps is below the floor (0.62x; target <= 1.5x). One step is
+Expected report (Frechet distance, digits features, 297 images, EMA 0.99, reference = training set): the
+docstring command in a fresh workdir, alone on a quiet 2-core AVX-512 AMD EPYC (flock, load 1.7-1.8),
+2026-11-26 23:13 UTC, 600 steps (the teacher steps anneal 64 -> 1280 over the first 300):
+    S = 1, 2, 4, 8 steps: 103.2, 11.08, 2.99, 1.64;  held-out floor (real_test) 1.89;  untrained 257.3
+Wall 2:19 (peak RSS 2.0 GB; the host split into 2 CPU devices, configs/quickstart.py), about 7 min on an
+AVX2-only host. 1,000 steps (the previous setting, 3:31 here) gave 107.5, 10.9, 2.40, 1.25.
+The distance falls from 1 to 4 steps and 8 steps is near the floor (0.87x; target <= 1.5x). One step is
 poor by design: the model has S = 8 segments and the 1-, 2- and 4-step rows run it on coarser grids (the
 paper trains one model per S).
 """

@@ -114,6 +114,7 @@ GENERAL_RULES: dict[str, dict[str, rules.Rule]] = {
         "data": rules.Int(ge=1, special={-1: "all remaining devices"}),
         "fsdp": rules.Int(ge=1, special={-1: "all remaining devices"}),
         "fsdp_min_size": rules.Int(ge=0),
+        "cpu_devices": rules.Int(ge=0, special={0: "XLA's default (one CPU device)"}),
     },
 }
 

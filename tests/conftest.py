@@ -1,12 +1,23 @@
 """Test setup: CPU only, 8 fake devices so that mesh code runs as on a pod slice."""
 
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+# One persistent compilation cache per test session, shared by the xdist workers and by the processes the tests
+# start (main.py runs, two-process and fault-tolerance tests inherit the environment): a program that several tests
+# compile (the same tiny train step, sampler or digest function) compiles once. The controller, which loads this
+# file first, makes the directory; the workers inherit the variable; the controller removes it at the end.
+_CACHE_OWNER = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _CACHE_OWNER:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="consistency_jax_test_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax  # noqa: E402
 
@@ -33,3 +44,8 @@ def edm_teacher_workdir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("edm_teacher"))
     train.train_and_evaluate(config, workdir)
     return workdir
+
+
+def pytest_unconfigure(config):
+    if _CACHE_OWNER:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -42,9 +42,15 @@ def model_param_count(config) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
 
 
+def quickstart_config():
+    config = load_config("quickstart")
+    config.mesh.cpu_devices = 0  # the session's 8 fake devices exist already; the split is fixed at backend start
+    return config
+
+
 @pytest.fixture(scope="module")
 def quickstart_result():
-    config = load_config("quickstart")
+    config = quickstart_config()
     original = copy.deepcopy(config)
     result = bench.run_benchmark(config, batch_size=BATCH, steps=STEPS, sample_batch=SAMPLE_BATCH, sample_repeats=2)
     assert config.to_dict() == original.to_dict(), "the benchmark must not modify the caller's config"
@@ -141,7 +147,7 @@ def test_synthetic_data_keeps_shape_and_classes(tmp_path):
                                              (dict(sample_batch=4), "sample_batch 4 must divide by")])
 def test_bad_arguments_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        bench.run_benchmark(load_config("quickstart"), **{"batch_size": BATCH, **kwargs})
+        bench.run_benchmark(quickstart_config(), **{"batch_size": BATCH, **kwargs})
 
 
 # ----------------------------------------------------------------------------

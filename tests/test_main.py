@@ -56,6 +56,19 @@ def test_bad_workdir_and_flags_fail_in_one_line(tmp_path, args, expected):
     assert_one_message(result)
 
 
+@pytest.mark.parametrize("cpu_devices,expected", [
+    (3, "must divide by the number of devices in the mesh (3)"),  # the host split into 3 CPU devices
+    (0, "must divide by the number of devices in the mesh (8)"),  # XLA's own setting: the tests' XLA_FLAGS
+    (-2, "config.mesh.cpu_devices=-2 is invalid"),
+])
+def test_cpu_devices_split_the_host_before_the_mesh_is_built(tmp_path, cpu_devices, expected):
+    """The batch-size check at start counts the devices that config.mesh.cpu_devices made (batch 4: no mesh fits)."""
+    result = run_main(f"--workdir={tmp_path}", f"--config.mesh.cpu_devices={cpu_devices}",
+                      "--config.training.batch_size=4")
+    assert result.returncode != 0 and expected in result.stderr + result.stdout, result.stderr[-2000:]
+    assert_one_message(result)
+
+
 def test_loading_every_config_and_the_package_leaves_the_backend_alone():
     """A multi-host job calls jax.distributed.initialize() after the config is loaded; any module-level jax array in
     a config's imports (methods, models, augmentations) starts the XLA backend first and makes it fail."""
