@@ -261,7 +261,7 @@ def run_benchmark(config: ml_collections.ConfigDict, batch_size: int | None = No
     _check_positive("sample_repeats", sample_repeats)
     load_start = os.getloadavg()[0]
     rss_start = current_rss_bytes()  # imports (JAX, orbax; no TensorFlow since train.py dropped clu) before any network exists
-    parallel.use_cpu_devices(config.mesh.get("cpu_devices", 0))  # as main.py does: the quickstarts use 2
+    parallel.use_cpu_devices(config.mesh.cpu_devices)  # as main.py does: the quickstarts use 2
     with tempfile.TemporaryDirectory() as directory:
         config = with_synthetic_data(config, directory, num_images=batch_size)
         config.training.batch_size = batch_size

@@ -10,7 +10,8 @@ workdirs, alone on a quiet 2-core AVX-512 AMD EPYC (flock, load 1.7-2.0), 2026-1
 teacher's 18-step Heun distance 2.515; 600 steps (teacher steps annealed over the first 300):
     S = 1, 2, 4, 8 steps: 89.9, 16.5, 4.00, 1.94;  held-out floor (real_test) 1.89;  untrained 257.3
 8 steps is at the floor (1.03x; target <= 1.5x); the distance falls from 1 to 4 steps. Wall 1:37 for the
-student (peak RSS 2.0 GB), after the teacher's 1:58; 1,000 steps (an older teacher, Heun 2.55) gave 98.1, 15.2, 3.59, 1.87.
+student (peak RSS 2.0 GB), after the teacher's 1:58; 1,000 steps (an older teacher, Heun 2.55) gave
+98.1, 15.2, 3.59, 1.87.
 """
 
 import os

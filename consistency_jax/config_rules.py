@@ -14,6 +14,7 @@ test suite sets each of them in every registered method's and model's config
 and checks that validation refuses it, and that no field is left without a rule.
 """
 
+import abc
 import dataclasses
 import math
 from typing import Any, Callable, Sequence
@@ -41,11 +42,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class Rule:
+class Rule(abc.ABC):
     """What values a field may take; `problem` returns None or the description of the valid values."""
 
+    @abc.abstractmethod
     def problem(self, value: Any, config: ml_collections.ConfigDict) -> str | None:
-        raise NotImplementedError
+        """None for a valid value, else what the valid values are."""
 
     def invalid_examples(self, value: Any, config: ml_collections.ConfigDict) -> list[Any]:
         """Values of the field's type that this rule rejects (given the rest of `config`)."""

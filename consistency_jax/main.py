@@ -139,9 +139,7 @@ def main(argv):
     except OSError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         fail(f"--config={config_file} cannot be loaded: {lines[-1]}", code=2)
-    cpu_devices = config.mesh.get("cpu_devices", 0)
-    if isinstance(cpu_devices, int) and cpu_devices > 0:  # a bad value is reported by validate_config
-        parallel.use_cpu_devices(cpu_devices)  # before validate_config builds the mesh
+    parallel.use_cpu_devices(config.mesh.cpu_devices)  # before validate_config builds the mesh
     # Validated before the heavy imports below (TensorFlow via clu), so a bad value fails in seconds.
     try:
         validate_config(config, FLAGS.mode)

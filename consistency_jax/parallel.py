@@ -51,9 +51,11 @@ def use_cpu_devices(count: int) -> None:
     another, each on one thread, so a 2-core host sat at ~1.5 busy cores; with
     one device per core the data-parallel mesh runs the batch's halves side by
     side. Only the CPU backend changes: on GPU/TPU hosts jax.devices() stays the
-    accelerators. Must run before anything touches the devices.
+    accelerators. Must run before anything touches the devices. A value that is
+    not a positive int is left for validate_config to report.
     """
-    if count > 0 and jax.config.jax_num_cpu_devices != count:
+    valid = isinstance(count, int) and not isinstance(count, bool) and count > 0
+    if valid and jax.config.jax_num_cpu_devices != count:
         jax.config.update("jax_num_cpu_devices", count)
 
 

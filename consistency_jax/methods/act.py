@@ -421,8 +421,9 @@ class ACT(Method):
         num_scales = self.num_scales(state.step)
         gen_rng, inputs_rng, disc_rng = jax.random.split(rng, 3)
 
+        target_params = ms["target"] if self.keeps_target() else state.params  # 'ict': the student, stop-gradient
         (gen_loss, gen_metrics), gen_grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
-            state.params, ms["target"] if self.keeps_target() else state.params, ms["disc"], ms["ada_p"], gen_batch, gen_rng, num_scales)
+            state.params, target_params, ms["disc"], ms["ada_p"], gen_batch, gen_rng, num_scales)
         updates, opt_state = optimizer.update(gen_grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ms = self.after_update(ms, params, state.step)

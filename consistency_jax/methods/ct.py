@@ -33,6 +33,8 @@ over the whole image. LPIPS, the distance of the papers' best numbers, needs
 VGG weights that cannot be fetched here: it is not implemented.
 """
 
+import abc
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -75,7 +77,7 @@ def loss_weight(kind: str, sigma_lo: jax.Array, sigma_hi: jax.Array) -> jax.Arra
     return jnp.ones_like(sigma_lo)
 
 
-class _ConsistencyMethod(Method):
+class _ConsistencyMethod(Method, abc.ABC):
     """What CT and CD share: the interval draw, the student/target distance, the EMA target."""
 
     @classmethod
@@ -112,21 +114,22 @@ class _ConsistencyMethod(Method):
 
     # -- Hooks of the subclasses ----------------------------------------------
 
+    @abc.abstractmethod
     def num_scales(self, step: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """N(k): the discretisation intervals at `step`."""
 
+    @abc.abstractmethod
     def target_decay(self, step: jax.Array) -> jax.Array:
         """mu: the target's EMA rate after the update of `step`."""
-        raise NotImplementedError
 
     def keeps_target(self) -> bool:
         """Whether the target is an EMA kept in the method state (False: the student under stop-gradient)."""
         return True
 
+    @abc.abstractmethod
     def lower_point(self, method_state, x: jax.Array, z: jax.Array, x_hi: jax.Array, sigma_lo: jax.Array,
                     sigma_hi: jax.Array, labels: jax.Array | None) -> jax.Array:
         """The target's input at sigma_i."""
-        raise NotImplementedError
 
     # -- State and loss -------------------------------------------------------
 
