@@ -10,13 +10,9 @@ Test-only knobs, read from the environment:
 import os
 import time
 
-import jax
 from absl import app
 
 from consistency_jax import main, parallel
-
-# Tiny test models compile much faster without XLA's optimisation passes.
-jax.config.update("jax_disable_most_optimizations", True)
 
 
 def _with_delay(global_batch, delay_s: float):

@@ -1,8 +1,10 @@
 """Shared test fixtures: a tiny model on the digits that compiles in seconds."""
 
 import os
+import re
 import sys
 
+import jax
 import ml_collections
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -23,3 +25,14 @@ def tiny_config(num_steps: int = 4) -> ml_collections.ConfigDict:
     config.eval.at_end = False
     config.eval.num_samples = 16
     return config
+
+
+def child_xla_flags(num_devices: int) -> str:
+    """XLA_FLAGS for a process a test starts: the session's flags (conftest.py) with num_devices CPU devices."""
+    flag = "--xla_force_host_platform_device_count"
+    return re.sub(flag + r"=\d+", f"{flag}={num_devices}", os.environ["XLA_FLAGS"])
+
+
+def jit_init(fn, seed: int, image_shape: tuple[int, ...], with_labels: bool = False):
+    """fn.init (a ConsistencyFunction's) under jit: one compile, where an eager init compiles the network op by op."""
+    return jax.jit(fn.init, static_argnums=(1, 2))(jax.random.PRNGKey(seed), tuple(image_shape), with_labels)

@@ -18,6 +18,7 @@ from PIL import Image
 from configs import default
 from consistency_jax.data import digits as digits_lib
 from consistency_jax.data import pipeline, sources
+from tests.helpers import child_xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -460,7 +461,7 @@ def test_two_processes_read_disjoint_shares_covering_each_epoch(tmp_path):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=child_xla_flags(2),
         PYTHONPATH=REPO_ROOT,
     )
     port = free_port()

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from consistency_jax import experiment, methods, parallel, samplers, schedules
 from consistency_jax.methods import ect, sct
 from consistency_jax.models import create_model
-from tests.helpers import tiny_config
+from tests.helpers import jit_init, tiny_config
 
 IMAGE_SHAPE = (8, 8, 1)
 
@@ -276,7 +276,7 @@ def test_boundary_modes():
         return ect.ECT.make_function(config, _TinyNet())
 
     sampling_fn = fn("sampling")
-    params = sampling_fn.init(jax.random.PRNGKey(0), IMAGE_SHAPE, False)
+    params = jit_init(sampling_fn, 0, IMAGE_SHAPE)
     # Sampling: f(x, sigma_min) = x exactly; training: the EDM denoiser (c_skip = sd^2 / (s^2 + sd^2) != 1).
     np.testing.assert_array_equal(sampling_fn(params, x, sigma), x)
     edm = fn("none")

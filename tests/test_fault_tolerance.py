@@ -21,7 +21,8 @@ import pytest
 
 from consistency_jax import checkpointing, experiment
 from consistency_jax.data import pipeline
-from tests.helpers import tiny_config
+from tests import ft_config
+from tests.helpers import child_xla_flags, tiny_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,7 +167,7 @@ def child_command(workdir, checkpoint_every):
 
 
 def start_child(workdir, checkpoint_every, step_delay_s, compilation_cache):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": child_xla_flags(1),
            "FT_STEP_DELAY_S": str(step_delay_s), "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     os.makedirs(workdir, exist_ok=True)
@@ -208,7 +209,7 @@ def logged_steps(workdir) -> list[int]:
 
 
 def restore_final(workdir):
-    config = tiny_config()
+    config = ft_config.get_config()  # the children's config
     exp = experiment.create_experiment(config, jax.devices()[:1])
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=100)
     restored_step, state, _ = checkpointer.restore(exp.abstract_state())

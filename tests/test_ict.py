@@ -9,6 +9,7 @@ import pytest
 from consistency_jax import parametrization, schedules
 from consistency_jax.methods import distances, ict
 from consistency_jax.models import create_model
+from tests.helpers import jit_init
 
 SIGMA_MIN, SIGMA_DATA = 0.002, 0.5
 
@@ -53,10 +54,11 @@ def test_c_noise_rejects_unknown_kind():
 @pytest.mark.parametrize("c_noise", ["edm", "cm", "raw"])
 def test_boundary_condition_holds_exactly_for_any_network(c_noise):
     fn = tiny_fn(c_noise)
-    params = randomize(fn.init(jax.random.PRNGKey(0), (8, 8, 1), False))
+    params = randomize(jit_init(fn, 0, (8, 8, 1)))
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 1))
-    np.testing.assert_array_equal(np.asarray(fn(params, x, SIGMA_MIN)), np.asarray(x))
-    assert float(jnp.abs(fn(params, x, 1.0) - x).max()) > 1e-3  # the network does act elsewhere
+    apply = jax.jit(fn)  # as training runs it (and one compile, not one per op)
+    np.testing.assert_array_equal(np.asarray(apply(params, x, SIGMA_MIN)), np.asarray(x))
+    assert float(jnp.abs(apply(params, x, 1.0) - x).max()) > 1e-3  # the network does act elsewhere
 
 
 def loss_fn(fn, total_steps=100):
@@ -67,10 +69,10 @@ def loss_fn(fn, total_steps=100):
 
 def test_ict_loss_matches_an_independent_computation():
     fn = tiny_fn(dropout=0.3)
-    params = randomize(fn.init(jax.random.PRNGKey(0), (8, 8, 1), False))
+    params = randomize(jit_init(fn, 0, (8, 8, 1)))
     x = jax.random.uniform(jax.random.PRNGKey(3), (4, 8, 8, 1), minval=-1, maxval=1)
     rng, step = jax.random.PRNGKey(5), jnp.int32(30)
-    loss, metrics = loss_fn(fn)(params, {"image": x}, rng, step)
+    loss, metrics = jax.jit(loss_fn(fn))(params, {"image": x}, rng, step)
 
     # Recompute by hand with the same random draws: N(30) for K = 100 is 10 * 2^(30 // 12) + 1 = 41.
     pair_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
@@ -79,8 +81,9 @@ def test_ict_loss_matches_an_independent_computation():
     grid = schedules.karras_sigmas(41)
     assert np.all(np.isin(np.asarray(hi), np.asarray(grid)))  # the pair lies on the current 41-point grid
     z = jax.random.normal(noise_rng, x.shape)
-    student = fn(params, x + hi[:, None, None, None] * z, hi, train=True, dropout_rng=dropout_rng)
-    teacher = fn(params, x + lo[:, None, None, None] * z, lo, train=True, dropout_rng=dropout_rng)
+    net = jax.jit(lambda p, x, sigma: fn(p, x, sigma, train=True, dropout_rng=dropout_rng))
+    student = net(params, x + hi[:, None, None, None] * z, hi)
+    teacher = net(params, x + lo[:, None, None, None] * z, lo)
     diff = np.asarray(student - teacher, np.float64).reshape(4, -1)
     c = 0.00054 * 8
     per_example = (np.sqrt((diff**2).sum(1) + c**2) - c) / (np.asarray(hi) - np.asarray(lo))
@@ -90,21 +93,23 @@ def test_ict_loss_matches_an_independent_computation():
 def test_teacher_gets_no_gradient():
     """d loss / d params equals the gradient through the student pass alone."""
     fn = tiny_fn(dropout=0.3)
-    params = randomize(fn.init(jax.random.PRNGKey(0), (8, 8, 1), False))
+    params = randomize(jit_init(fn, 0, (8, 8, 1)))
     x = jax.random.uniform(jax.random.PRNGKey(3), (4, 8, 8, 1), minval=-1, maxval=1)
     rng, step = jax.random.PRNGKey(7), jnp.int32(0)
-    grads = jax.grad(lambda p: loss_fn(fn)(p, {"image": x}, rng, step)[0])(params)
+    # Under jit, as training runs them: one compile per gradient instead of one per op.
+    grads = jax.jit(jax.grad(lambda p: loss_fn(fn)(p, {"image": x}, rng, step)[0]))(params)
 
     pair_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
     lo, hi = schedules.sample_ict_sigma_pairs(pair_rng, 4, jnp.int32(11), 1281, -1.1, 2.0, SIGMA_MIN, 80.0, 7.0)
     z = jax.random.normal(noise_rng, x.shape)
-    teacher = fn(params, x + lo[:, None, None, None] * z, lo, train=True, dropout_rng=dropout_rng)
+    teacher = jax.jit(fn, static_argnames="train")(params, x + lo[:, None, None, None] * z, lo, train=True,
+                                                  dropout_rng=dropout_rng)
 
     def student_only(p):
         student = fn(p, x + hi[:, None, None, None] * z, hi, train=True, dropout_rng=dropout_rng)
         return jnp.mean(distances.pseudo_huber(student, teacher, 0.00054 * 8) / (hi - lo))
 
-    expected = jax.grad(student_only)(params)
+    expected = jax.jit(jax.grad(student_only))(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, expected)
 
     # And the gradient is not the one we'd get if the teacher were differentiated too.
@@ -113,6 +118,6 @@ def test_teacher_gets_no_gradient():
         t = fn(p, x + lo[:, None, None, None] * z, lo, train=True, dropout_rng=dropout_rng)
         return jnp.mean(distances.pseudo_huber(student, t, 0.00054 * 8) / (hi - lo))
 
-    wrong = jax.grad(both_differentiated)(params)
+    wrong = jax.jit(jax.grad(both_differentiated))(params)
     differences = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads, wrong))
     assert max(differences) > 1e-4

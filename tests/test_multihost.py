@@ -20,6 +20,7 @@ import pytest
 from consistency_jax import checkpointing, experiment, parallel, train
 from consistency_jax.data import pipeline
 from tests import ft_config
+from tests.helpers import child_xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 4
@@ -38,7 +39,7 @@ def compilation_cache(tmp_path_factory):
 
 
 def start_job(workdir, cache, num_steps, step_delay_s=0.0, extra_flags=()) -> list[subprocess.Popen]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": child_xla_flags(2),
            "FT_STEP_DELAY_S": str(step_delay_s),
            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

@@ -19,7 +19,7 @@ from consistency_jax import checkpointing, experiment, methods, parallel, teache
 from consistency_jax import state as state_lib
 from consistency_jax.methods import multistep
 from consistency_jax.parametrization import ConsistencyFunction
-from tests.helpers import tiny_config
+from tests.helpers import jit_init, tiny_config
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 SCHEDULE = vp.CosineSchedule(SIGMA_MIN, SIGMA_MAX)
@@ -226,7 +226,7 @@ class TinyDenoiser(nn.Module):
 def net():
     """The tiny network as an EDM denoiser, jitted, two param sets (student, teacher), and a data batch."""
     fn = ConsistencyFunction(TinyDenoiser(), SIGMA_MIN, 0.5, "edm", boundary=False)
-    init = fn.init(jax.random.PRNGKey(0), (8, 8, 1), False)
+    init = jit_init(fn, 0, (8, 8, 1))
     x = jax.random.uniform(jax.random.PRNGKey(3), (6, 8, 8, 1), minval=-1, maxval=1)
     return fn, jax.jit(fn, static_argnames="train"), randomize(init, 1), randomize(init, 2), x
 

@@ -21,7 +21,7 @@ from consistency_jax.methods import scm
 from consistency_jax.models import create_model
 from consistency_jax.models.layers import ResBlock
 from consistency_jax.state import TrainState
-from tests.helpers import tiny_config
+from tests.helpers import jit_init, tiny_config
 
 SD = 0.5
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -99,7 +99,7 @@ def test_trigflow_edm_conversions_round_trip_and_match_the_formulas():
 def test_trigflow_function_is_exact_at_t_0_and_takes_edm_coordinates():
     method = make_method(scm_config())
     fn = method.fn
-    params = randomize(fn.init(jax.random.PRNGKey(0), (8, 8, 1), False))
+    params = randomize(jit_init(fn, 0, (8, 8, 1)))
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 1))
     t = jnp.array([0.0, 1.0])
     sigma = parametrization.edm_sigma(t, SD)
@@ -141,7 +141,7 @@ def test_jvp_tangent_equals_a_central_finite_difference_of_f(time_conditioning):
         method = make_method(config)
         fn = method.fn
         params = jax.tree.map(lambda p: p.astype(jnp.float64),
-                              randomize(fn.init(jax.random.PRNGKey(0), (8, 8, 1), False)))
+                              randomize(jit_init(fn, 0, (8, 8, 1))))
         keys = jax.random.split(jax.random.PRNGKey(4), 3)
         t = jnp.array([0.15, 0.7, 1.2], jnp.float64)
         x0 = jax.random.normal(keys[0], (3, 8, 8, 1), jnp.float64) * SD
@@ -177,7 +177,7 @@ def test_sct_gradient_is_the_limit_of_the_discrete_time_ct_gradient_over_the_ste
         method = make_method(config)
         fn = method.fn
         params = jax.tree.map(lambda p: p.astype(jnp.float64),
-                              randomize(fn.init(jax.random.PRNGKey(0), (8, 8, 1), False), scale=0.05))
+                              randomize(jit_init(fn, 0, (8, 8, 1)), scale=0.05))
         keys = jax.random.split(jax.random.PRNGKey(5), 2)
         t = jnp.array([0.3, 0.8, 1.3], jnp.float64)
         x0 = jax.random.normal(keys[0], (3, 8, 8, 1), jnp.float64) * SD
@@ -315,14 +315,14 @@ def test_bf16_activations_with_fp32_tangents_stay_finite_on_a_partly_trained_mod
 def test_scd_uses_the_teachers_pf_ode_and_starts_from_its_params():
     teacher_model = create_model(scm_config().model)
     edm = parametrization.ConsistencyFunction(teacher_model, 0.002, SD, "edm", boundary=False)
-    teacher_params = randomize(edm.init(jax.random.PRNGKey(0), (8, 8, 1), False))
+    teacher_params = randomize(jit_init(edm, 0, (8, 8, 1)))
     config = scm_config("scm_cd")
     config.method.teacher_workdir = "/unused"  # the teacher's params come from the test
     with pytest.raises(ValueError, match="time_conditioning='edm'"):
         make_method(config, teacher_fn=edm)
     config.method.time_conditioning = "edm"
     method = make_method(config, teacher_fn=edm)
-    params = method.init_params(method.fn.init(jax.random.PRNGKey(1), (8, 8, 1), False), teacher_params)
+    params = method.init_params(jit_init(method.fn, 1, (8, 8, 1)), teacher_params)
     state = method.init_state(params, teacher_params)
     assert state["teacher"] is teacher_params
     t = jnp.array([0.2, 1.0])
@@ -404,7 +404,7 @@ def test_trigflow_diffusion_loss_is_edms_loss_in_trigflow_coordinates():
     """methods/trigflow.py's ||F - v/sd||^2 equals EDM's weighted ||D - x0||^2 for the same draws."""
     config = scm_config("trigflow")
     method = make_method(config)
-    params = randomize(method.fn.init(jax.random.PRNGKey(0), (8, 8, 1), False))
+    params = randomize(jit_init(method.fn, 0, (8, 8, 1)))
     batch = {"image": jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 1), minval=-1, maxval=1)}
     from consistency_jax.methods import edm
     trig_loss, edm_loss = jax.jit(lambda p, rng: (method.loss(p, {}, batch, rng, 0)[0],
