@@ -150,7 +150,7 @@ def tiny():
     (the networks themselves are tested in test_models_paper.py and test_discriminator.py).
     """
     config = act_config()
-    config.model.update(channel_mult=(1,), attn_resolutions=())
+    config.model.attn_resolutions = ()
     config.method.discriminator.update(channels=(8,), attn_resolutions=())
     exp = experiment.create_experiment(config, jax.devices()[:1])
     batches = [parallel.global_batch(b, exp.mesh) for b in take_batches(config, 4)]
