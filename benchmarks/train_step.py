@@ -126,6 +126,8 @@ def with_synthetic_data(config: ml_collections.ConfigDict, directory: str,
     config = copy.deepcopy(config)  # keeps the config's field references (e.g. model.num_classes)
     config.data.name = "npz"
     config.data.path = path
+    # Nothing is evaluated: validation must not ask for the Inception weights of the config's FID.
+    config.eval.at_end, config.eval.every_steps = False, 0
     return config
 
 

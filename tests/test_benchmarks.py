@@ -16,6 +16,7 @@ import pytest
 from benchmarks import bf16_consistency
 from benchmarks import peer
 from benchmarks import train_step as bench
+from consistency_jax import experiment
 from consistency_jax.models import create_model
 from tests.helpers import tiny_config
 
@@ -138,6 +139,8 @@ def test_synthetic_data_keeps_shape_and_classes(tmp_path):
     config = load_config("imagenet64_ict")
     synthetic = bench.with_synthetic_data(config, str(tmp_path))
     assert synthetic.data.name == "npz" and config.data.name == "array_shards"
+    # A benchmark of a paper config runs without its FID's Inception weights (none exist on this machine).
+    assert config.eval.feature_extractor == "inception" and not experiment.evaluates(synthetic, "train")
     for field in ("image_size", "num_channels", "num_classes"):
         assert synthetic.data[field] == config.data[field]
     assert synthetic.model.num_classes == 1000
