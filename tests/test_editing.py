@@ -21,7 +21,7 @@ SIGMAS = editing.editing_sigmas(2, 80.0, 0.002, 7.0)
 def tiny_fn():
     """A consistency function on 8x8 RGB images with every weight random (nothing zero-initialised)."""
     model = create_model(ml_collections.ConfigDict(dict(
-        name="ncsnpp", model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))))
+        name="ncsnpp", model_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(8,))))
     fn = parametrization.ConsistencyFunction(model, 0.002, 0.5)
     params = jax.jit(lambda key: fn.init(key, (8, 8, 3), False))(jax.random.key(0))
     leaves, tree = jax.tree.flatten(params)

@@ -16,8 +16,8 @@ SIGMA_MIN, SIGMA_DATA = 0.002, 0.5
 
 def tiny_fn(c_noise="edm", dropout=0.0):
     model = create_model(ml_collections.ConfigDict(dict(
-        name="ncsnpp", model_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-        dropout=dropout)))
+        name="ncsnpp", model_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(8,),
+        dropout=dropout)))  # one level, as tests/helpers.py's tiny_config: half the compile of two
     return parametrization.ConsistencyFunction(model, SIGMA_MIN, SIGMA_DATA, c_noise)
 
 
@@ -110,7 +110,8 @@ def test_teacher_gets_no_gradient():
         return jnp.mean(distances.pseudo_huber(student, teacher, 0.00054 * 8) / (hi - lo))
 
     expected = jax.jit(jax.grad(student_only))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, expected)
+    # Two programs, so float rounding differs (up to ~1e-6 here); the teacher's gradient would add > 1e-4 (below).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6), grads, expected)
 
     # And the gradient is not the one we'd get if the teacher were differentiated too.
     def both_differentiated(p):
