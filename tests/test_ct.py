@@ -13,7 +13,7 @@ from consistency_jax import checkpointing, experiment, methods, parallel, train
 from consistency_jax.data import pipeline
 from consistency_jax.methods import ct, edm
 from consistency_jax.models import create_model
-from tests.helpers import tiny_config
+from tests.helpers import jit_init, tiny_config
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
@@ -115,7 +115,7 @@ def standalone_cd(**fields):
 
 def test_cd_target_is_one_heun_step_of_the_teacher():
     method, fn, teacher_fn = standalone_cd(distance="pseudo_huber", weighting="inverse_gap", target_ema=0.5)
-    params = randomize(jax.jit(lambda key: fn.init(key, (8, 8, 1), False))(jax.random.PRNGKey(0)), 1)
+    params = randomize(jit_init(fn, 0, (8, 8, 1)), 1)
     state = {"target": randomize(params, 2), "teacher": randomize(params, 3)}
     x = jax.random.uniform(jax.random.PRNGKey(3), (4, 8, 8, 1), minval=-1, maxval=1)
     rng = jax.random.PRNGKey(6)

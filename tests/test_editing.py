@@ -4,7 +4,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,7 +11,7 @@ from PIL import Image
 from consistency_jax import checkpointing, editing, experiment, methods, parametrization
 from consistency_jax.evaluation import edit as edit_files
 from consistency_jax.models import create_model
-from tests.helpers import tiny_config
+from tests.helpers import jit_init, tiny_config
 
 SIGMAS = editing.editing_sigmas(2, 80.0, 0.002, 7.0)
 
@@ -20,10 +19,8 @@ SIGMAS = editing.editing_sigmas(2, 80.0, 0.002, 7.0)
 @pytest.fixture(scope="module")
 def tiny_fn():
     """A consistency function on 8x8 RGB images with every weight random (nothing zero-initialised)."""
-    model = create_model(ml_collections.ConfigDict(dict(
-        name="ncsnpp", model_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(8,))))
-    fn = parametrization.ConsistencyFunction(model, 0.002, 0.5)
-    params = jax.jit(lambda key: fn.init(key, (8, 8, 3), False))(jax.random.key(0))
+    fn = parametrization.ConsistencyFunction(create_model(tiny_config().model), 0.002, 0.5)
+    params = jit_init(fn, 0, (8, 8, 3))
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])

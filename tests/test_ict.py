@@ -2,22 +2,21 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from consistency_jax import parametrization, schedules
 from consistency_jax.methods import distances, ict
 from consistency_jax.models import create_model
-from tests.helpers import jit_init
+from tests.helpers import jit_init, tiny_config
 
 SIGMA_MIN, SIGMA_DATA = 0.002, 0.5
 
 
 def tiny_fn(c_noise="edm", dropout=0.0):
-    model = create_model(ml_collections.ConfigDict(dict(
-        name="ncsnpp", model_channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(8,),
-        dropout=dropout)))  # one level, as tests/helpers.py's tiny_config: half the compile of two
+    model_config = tiny_config().model
+    model_config.dropout = dropout
+    model = create_model(model_config)
     return parametrization.ConsistencyFunction(model, SIGMA_MIN, SIGMA_DATA, c_noise)
 
 
@@ -102,8 +101,8 @@ def test_teacher_gets_no_gradient():
     pair_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
     lo, hi = schedules.sample_ict_sigma_pairs(pair_rng, 4, jnp.int32(11), 1281, -1.1, 2.0, SIGMA_MIN, 80.0, 7.0)
     z = jax.random.normal(noise_rng, x.shape)
-    teacher = jax.jit(fn, static_argnames="train")(params, x + lo[:, None, None, None] * z, lo, train=True,
-                                                  dropout_rng=dropout_rng)
+    net = jax.jit(lambda p, x, sigma: fn(p, x, sigma, train=True, dropout_rng=dropout_rng))
+    teacher = net(params, x + lo[:, None, None, None] * z, lo)
 
     def student_only(p):
         student = fn(p, x + hi[:, None, None, None] * z, hi, train=True, dropout_rng=dropout_rng)

@@ -32,6 +32,7 @@ from consistency_jax.models.layers import (
 )
 from consistency_jax.models.ncsnpp import NCSNpp
 from consistency_jax.state import update_emas
+from tests.helpers import jit_init
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -398,7 +399,7 @@ def test_cifar10_ict_noise_embedding_input_is_the_cm_jax_formula():
     config = load_config("cifar10_ict")
     config.model.update(dict(channel_mult=(1,), num_res_blocks=1, attn_resolutions=()))  # small, same embedding
     fn = methods.get_method(config.method.name).make_function(config, create_model(config.model))
-    params = jax.jit(lambda key: fn.init(key, (4, 4, 3), False))(jax.random.key(0))
+    params = jit_init(fn, 0, (4, 4, 3))
     freqs = np.asarray(params["noise_embed"]["freqs"], np.float64)
     assert freqs.shape == (128,) and 0.015 < freqs.std() < 0.025  # N(0, 0.02^2)
 
