@@ -53,7 +53,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import peer as peer_run
-from consistency_jax import methods, parallel, train
+from consistency_jax import host_memory, methods, parallel, train
 from consistency_jax.evaluation import generate
 from consistency_jax.experiment import Experiment, create_experiment, validate_config
 from consistency_jax.models import count_params, create_model
@@ -268,6 +268,7 @@ def run_benchmark(config: ml_collections.ConfigDict, batch_size: int | None = No
         config = with_synthetic_data(config, directory, num_images=batch_size)
         config.training.batch_size = batch_size
         validate_config(config)
+        host_memory.keep_freed_memory_on_cpu()  # as main.py does
         experiment = create_experiment(config)
         if sample_batch % experiment.mesh.size:
             raise ValueError(f"sample_batch {sample_batch} must divide by the number of devices in the mesh "

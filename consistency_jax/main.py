@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from consistency_jax import parallel
+from consistency_jax import host_memory, parallel
 from consistency_jax import workdir as workdir_lib
 from consistency_jax.errors import UserError
 
@@ -149,6 +149,7 @@ def main(argv):
     except UserError as e:
         fail(str(e), code=2)
     logging.info("Config:\n%s", config)
+    host_memory.keep_freed_memory_on_cpu()  # the backend runs now (validate_config built the mesh)
 
     from consistency_jax import train
     from consistency_jax.evaluation import generate

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from consistency_jax import checkpointing, parallel, teachers
+from consistency_jax import checkpointing, host_memory, parallel, teachers
 from consistency_jax import workdir as workdir_lib
 from consistency_jax.data import pipeline
 from consistency_jax.errors import UserError
@@ -197,6 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 window.append(_fetch(*pending))
                 pending = None
                 window_start = _log_window(log, step, train.num_steps, window, window_start, untimed)
+                host_memory.release_free_memory()
                 window, untimed = [], 0
             checkpointer.check_for_errors()  # a failed background save stops the run within a step
             if train.sample_every and (_every(step, train.sample_every) or at_end):

@@ -36,6 +36,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pytest  # noqa: E402
 
+from consistency_jax import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory()  # as main.py does on CPU: programs reuse their buffers' pages from call to call
+
 
 @pytest.fixture(scope="session")
 def edm_teacher_workdir(tmp_path_factory):
