@@ -23,7 +23,8 @@ target. The paper configs (cifar10_act.py, ...) keep the paper's CT base.
 
 Measured 2026-11-27 04:11-04:15 UTC with this exact command in a fresh workdir,
 alone on the 2-core AVX-512 AMD EPYC (flock, load 1.6 before, 2.2 after): 3 min
-45 s wall (19-25 steps/s after the compile; peak RSS 2.5 GB). Report (digits
+45 s wall (19-25 steps/s after the compile; peak RSS 2.5 GB; other 3,000-step
+runs of the same hour took 3:26-3:59 at load 1.2-2.2). Report (digits
 features, 297 images): Frechet distance 4.52 for 1-step and 4.78 for 2-step
 samples; held-out real digits (floor) 1.89; untrained network (ceiling) 257.2.
 The iCT quickstart (batch 128, 2,000 steps) reaches 2.83-2.89 / 2.75-3.66 on the
@@ -65,11 +66,14 @@ each; every one is worse, except the EMA 0.995 that this config now uses):
   0.58-0.70 but the samples get worse);
 - the discriminator step's noise levels drawn uniformly over the grid instead
   of lognormally (a trial option, not kept): 6.23 / 5.59 (accuracy 0.61-0.72);
-- optimizer.learning_rate 1e-3: 5.17 / 5.47; 3e-3: 7.71 / 13.11;
+- optimizer.learning_rate 1e-3: 5.17 / 5.47; 1.5e-3 (with EMA 0.995): 6.27 /
+  5.88; 3e-3: 7.71 / 13.11;
   optimizer.lr_schedule = 'cosine' (to 0 at step 3,000): 6.13 / 4.17;
 - method.s1 = 320 (6 curriculum stages instead of 8): 6.26 / 6.51;
 - the evaluation EMA (training.ema_rates): 0.99 (the earlier version of this
-  config) gives 4.58 / 4.90, 0.995 4.52 / 4.78 (kept), 0.998 4.90 / 5.16;
+  config) gives 4.58 / 4.90, 0.995 4.52 / 4.78 (kept), 0.998 4.90 / 5.16,
+  power-function EMAs (EDM2, training.ema_sigma_rels) sigma_rel 0.05 4.52 /
+  4.80, 0.1 4.65 / 4.92;
   seed 1 gives 4.71 / 6.14 (EMA 0.995: 4.65 / 6.22), so the seed moves the
   1-step distance by ~0.1 but the 2-step one by ~1.
 Tried 2026-11-27 03:35-04:15 UTC on the same host: the run's length
