@@ -92,6 +92,7 @@ GENERAL_RULES: dict[str, dict[str, rules.Rule]] = {
         "ema_sigma_rel": rules.Float(ge=0, lt=phema.MAX_SIGMA_REL,
                                      why="0: select by sampling.ema_rate; > 0: a power-function EMA"),
         "clip_denoised": rules.Flag(),
+        "xla_optimizations": rules.Flag(),
     },
     "eval": {
         "feature_extractor": rules.Choice(("digits", "inception")),
@@ -265,7 +266,8 @@ class Experiment:
         if self.teacher_config is not None:
             teacher_params = teachers.load_params(self.config, self.teacher_config, self.teacher_shapes, self.mesh)
         rng = jax.random.PRNGKey(self.config.seed)
-        return jax.jit(self.init_state, out_shardings=self.state_shardings)(rng, teacher_params)
+        return jax.jit(self.init_state, out_shardings=self.state_shardings,
+                       compiler_options=parallel.run_once_compiler_options())(rng, teacher_params)
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:

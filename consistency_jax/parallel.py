@@ -44,6 +44,20 @@ def maybe_initialize_distributed(force: bool, coordinator_address: str | None = 
                      jax.device_count())
 
 
+def run_once_compiler_options() -> dict[str, Any] | None:
+    """jax.jit compiler_options for a program that runs once or a few times: on CPU, no XLA optimisation passes.
+
+    The state's initialisation and the samplers of a small evaluation compile in a
+    third to a half of the time this way and run as fast (the quickstart's init
+    5.5 -> 2.5 s, bit-equal params; its 1-step sampler's compile 9.8 -> 3.2 s under
+    load, samples within 2e-9). Elsewhere None: accelerator compilers keep their
+    defaults.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    return {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def use_cpu_devices(count: int) -> None:
     """Splits the host CPU into `count` JAX devices (config.mesh.cpu_devices); 0 leaves XLA's default.
 

@@ -99,7 +99,10 @@ def make_sampler(experiment: Experiment, num_steps: int) -> tuple[samplers.Sampl
             return samplers.to_uint8(images), jnp.all(jnp.isfinite(images))
 
         replicated = parallel.replicated(experiment.mesh)
-        experiment.jitted_samplers[spec.key] = jax.jit(sample, out_shardings=(batch_sharding, replicated))
+        optimized = experiment.config.sampling.xla_optimizations
+        compiler_options = None if optimized else parallel.run_once_compiler_options()
+        experiment.jitted_samplers[spec.key] = jax.jit(sample, out_shardings=(batch_sharding, replicated),
+                                                       compiler_options=compiler_options)
     return spec, experiment.jitted_samplers[spec.key]
 
 
@@ -412,8 +415,8 @@ def evaluate_state(experiment: Experiment, state: TrainState | Weights, workdir:
         if heldout:
             real, _ = pipeline.load_eval_images(config.data, heldout, ev.num_samples)
             rows[f"real_{heldout}"] = metrics.compute_metrics(extractor, real, reference)
-        untrained = jax.jit(experiment.init_params, out_shardings=experiment.state_shardings.params)(
-            jax.random.PRNGKey(config.seed))
+        untrained = jax.jit(experiment.init_params, out_shardings=experiment.state_shardings.params,
+                            compiler_options=parallel.run_once_compiler_options())(jax.random.PRNGKey(config.seed))
         images = samples_of(untrained, 1, "untrained")
         rows["untrained_1step"] = metrics.compute_metrics(extractor, images, reference)
     result = {
