@@ -3,10 +3,13 @@
 Run:
     python -m consistency_jax.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 
-Hardware: any CPU. Measured 2026-11-26 23:04 UTC on a quiet 2-core AVX-512 AMD
-EPYC: 5.6 minutes (2,000 steps at ~7.1 steps/s after the compile, the host
-split into two CPU devices, then the evaluation; peak RSS 2.1 GB); an AVX2-only
-host is about 3x slower.
+Hardware: any CPU. Measured 2026-11-27 04:25 UTC on a quiet 2-core AVX-512 AMD
+EPYC (load 1.0 -> 2.0): 4.7 minutes (279 s: 35 s of start-up and compile, 2,000
+steps at ~9 steps/s, the host split into two CPU devices, then 15 s of
+evaluation; peak RSS 1.8 GB); 5.6 minutes before malloc kept XLA's freed
+buffers (consistency_jax/host_memory.py). An AVX2-only host is about 3x slower:
+~14 minutes, over the 10 that issue 11 asks for; 1,400 steps (4.36 1-step, at
+lr 3e-3 4.53) lose too much quality to shorten the run instead.
 Expected report: Frechet distance (digits features, 297 images) 2.83 for
 1-step and 3.66 for 2-step samples, against 1.89 for held-out real digits and
 257 for the untrained network (with one CPU device, float rounding differs:
