@@ -21,8 +21,10 @@ and the discriminator's noise levels, pseudo-Huber weighted by
 1 / (sigma_n - sigma_{n-1}), and the student under stop-gradient as the
 target. The paper configs (cifar10_act.py, ...) keep the paper's CT base.
 
-Measured 2026-11-27 04:11-04:15 UTC with this exact command in a fresh workdir,
-alone on the 2-core AVX-512 AMD EPYC (flock, load 1.6 before, 2.2 after): 3 min
+Measured 2026-11-27 04:45 UTC with this exact command in a fresh workdir, alone
+on the 2-core AVX-512 AMD EPYC (flock, load 1.1 before, 1.9 after), after the
+samplers and init compiled without optimisation passes: 3 min 24 s wall, the
+same report. Before that change, 04:11-04:15 UTC (load 1.6 -> 2.2): 3 min
 45 s wall (19-25 steps/s after the compile; peak RSS 2.5 GB; other 3,000-step
 runs of the same hour took 3:26-3:59 at load 1.2-2.2). Report (digits
 features, 297 images): Frechet distance 4.52 for 1-step and 4.78 for 2-step
