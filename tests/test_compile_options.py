@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from consistency_jax import parallel
 from consistency_jax.evaluation import generate
@@ -43,3 +44,20 @@ def test_state_init_and_samplers_compiled_unoptimised_match_optimised():
     difference = np.abs(np.asarray(images["optimized"], int) - np.asarray(images["unoptimized"], int))
     assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     assert np.asarray(images["optimized"]).std() > 10  # images, not a constant
+
+
+def test_state_init_and_unoptimised_samplers_are_compiled_with_the_run_once_options(monkeypatch):
+    """An option XLA rejects, in place of the run-once options, reaches exactly the programs that use them."""
+    monkeypatch.setattr(parallel, "run_once_compiler_options", lambda: {"no_such_xla_option": True})
+    config = tiny_config()
+    experiment = create_experiment(config)
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        experiment.create_state()
+    params = jax.jit(experiment.init_params)(jax.random.PRNGKey(0))
+    labels = np.zeros((16,), np.int32)
+    _, optimized_sampler = generate.make_sampler(experiment, 1)
+    optimized_sampler(params, jax.random.PRNGKey(1), labels)  # sampling.xla_optimizations: XLA's defaults
+    config.sampling.xla_optimizations = False
+    _, unoptimized_sampler = generate.make_sampler(create_experiment(config), 1)
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        unoptimized_sampler(params, jax.random.PRNGKey(1), labels)
