@@ -47,26 +47,26 @@ def test_freed_buffers_are_reused_without_page_faults():
 
 
 _COMPILE_CHILD = """
-import resource, sys
+import sys
 import jax
 from consistency_jax import host_memory, train
 from consistency_jax.experiment import create_experiment
 from benchmarks.train_step import synthetic_batch
 from tests.helpers import tiny_config
 assert host_memory.keep_freed_memory()
-def rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+def status_mib(field):  # VmRSS: now; VmHWM: this process's peak (getrusage's also counts its parent's at the fork)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
 experiment = create_experiment(tiny_config(), jax.devices()[:1])
 state = experiment.create_state()
 batch = synthetic_batch(experiment, experiment.config.training.batch_size)
-before = rss_mib()
+before = status_mib("VmRSS")
 if sys.argv[1] == "compile_train_step":
     compiled = train.compile_train_step(experiment, state, batch)
 else:
     compiled = train.jit_train_step(experiment).lower(state, batch).compile()
-after = rss_mib()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+after = status_mib("VmRSS")
+peak = status_mib("VmHWM")
 print(before, after, peak)
 """
 
