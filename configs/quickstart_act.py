@@ -26,26 +26,27 @@ on the 2-core AVX-512 AMD EPYC (flock, load 1.7 before, 1.9 after), with the
 train step's compile memory handed back (train.compile_train_step): 3 min 03 s
 wall (41 s of start-up and compile and the first 100 steps, 3,000 steps at 24-27
 steps/s, 16 s of evaluation), peak RSS 2.3 GB, the same report. At 04:45 UTC,
-before that change and after the samplers and init compiled without
-optimisation passes (load 1.1 -> 1.9): 3 min 24 s wall, the same report. Before
-the latter, 04:11-04:15 UTC (load 1.6 -> 2.2): 3 min 45 s wall (19-25 steps/s after the compile; peak RSS 2.5 GB; other 3,000-step
-runs of the same hour took 3:26-3:59 at load 1.2-2.2). Report (digits
-features, 297 images): Frechet distance 4.52 for 1-step and 4.78 for 2-step
-samples; held-out real digits (floor) 1.89; untrained network (ceiling) 257.2.
-The iCT quickstart (batch 128, 2,000 steps) reaches 2.83-2.89 / 2.75-3.66 on the
-same host: the issue's target (1-step no worse than iCT's at a quarter of the
-batch) is NOT met. The wall time is within the ~3.3 min that 10 minutes on an
-AVX2-only host allows when this host is quiet, and over it at other hours: the
-host ran slower on 2026-11-27 04:00-04:45 than on 2026-11-26 23:32 UTC, when the same 3,000 steps (EMA 0.99, before malloc kept XLA's freed
-buffers, consistency_jax/host_memory.py) took 3 min 06 s at 25-27 steps/s; on
-2026-11-27 the EMA 0.99 version took 3 min 35 s (03:59-04:02 UTC, flock, load
-1.5-2.0, 21-25 steps/s), and keeping the freed buffers is worth 20% of the step
-here (benchmarks.train_step, 100 steps, flock, load 1.6: 45 ms median against 57
-ms without). So more steps did not fit the budget on 2026-11-27, and they did
-not help (below). One CPU device (mesh.cpu_devices = 0, overriding the iCT
-quickstart's 2): split over two devices the step takes 55 ms against 45 ms
-(benchmark, 2026-11-27 04:07 UTC, load 1.4-1.6), and with other float rounding
-an earlier two-device run gave 5.04 / 5.57 (EMA 0.99).
+before that change and after the samplers and init compiled without optimisation
+passes (load 1.1 -> 1.9): 3 min 24 s wall, the same report. Before the latter,
+04:11-04:15 UTC (load 1.6 -> 2.2): 3 min 45 s wall (19-25 steps/s after the
+compile; peak RSS 2.5 GB; other 3,000-step runs of the same hour took 3:26-3:59
+at load 1.2-2.2). Report (digits features, 297 images): Frechet distance 4.52
+for 1-step and 4.78 for 2-step samples; held-out real digits (floor) 1.89;
+untrained network (ceiling) 257.2. The iCT quickstart (batch 128, 2,000 steps)
+reaches 2.83-2.89 / 2.75-3.66 on the same host: the issue's target (1-step no
+worse than iCT's at a quarter of the batch) is NOT met. The wall time is within
+the ~3.3 min that 10 minutes on an AVX2-only host allows when this host is
+quiet, and over it at other hours: the host ran slower on 2026-11-27 04:00-04:45
+than on 2026-11-26 23:32 UTC, when the same 3,000 steps (EMA 0.99, before malloc
+kept XLA's freed buffers, consistency_jax/host_memory.py) took 3 min 06 s at
+25-27 steps/s; on 2026-11-27 the EMA 0.99 version took 3 min 35 s (03:59-04:02
+UTC, flock, load 1.5-2.0, 21-25 steps/s), and keeping the freed buffers is worth
+20% of the step here (benchmarks.train_step, 100 steps, flock, load 1.6: 45 ms
+median against 57 ms without). So more steps did not fit the budget on
+2026-11-27, and they did not help (below). One CPU device (mesh.cpu_devices = 0,
+overriding the iCT quickstart's 2): split over two devices the step takes 55 ms
+against 45 ms (benchmark, 2026-11-27 04:07 UTC, load 1.4-1.6), and with other
+float rounding an earlier two-device run gave 5.04 / 5.57 (EMA 0.99).
 The discriminator: accuracy 0.66 at step 100, 0.56-0.62 from step 500 on
 (mean logits real +0.02..+0.14, generated -0.01..-0.13); the augmentation
 probability stayed 0 throughout: the R1 EMA starts at the threshold 1e4 and

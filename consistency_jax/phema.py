@@ -103,7 +103,8 @@ def posthoc_params(experiment, workdir: str, sigma_rel: float, step: int | None 
         raise ValueError("Post-hoc EMA needs power-function EMAs in the checkpoints: this run's "
                          "config.training.ema_sigma_rels is empty.")
     offset = len(train.ema_rates)
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000)
+    # Read-only: the run may be saving beside it (a writable manager would delete its save in progress).
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
         steps = sorted(checkpointer.all_steps())
         out_step = steps[-1] if step is None else step

@@ -112,8 +112,12 @@ def test_forced_weight_normalisation_and_power_ema_in_training(tmp_path):
     np.testing.assert_array_equal(leaf(generate.sampling_params(state, config)), leaf(emas[2][1]))
     # Post hoc from the three checkpoints: a stored width comes back as itself (index 2 = sigma_rel 0.25,
     # after the exponential EMA), another one lies between the stored ones.
+    # Read while a run saves beside it: a save still in progress (orbax's temporary directory) stays untouched.
+    saving = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000"
+    saving.mkdir()
     rebuilt = phema.posthoc_params(exp, str(tmp_path), 0.25)
     np.testing.assert_allclose(leaf(rebuilt), leaf(emas[2][2]), rtol=1e-4, atol=1e-6)
+    assert saving.is_dir()
     between = leaf(phema.posthoc_params(exp, str(tmp_path), 0.2))
     assert np.all(np.isfinite(between)) and not np.allclose(between, leaf(emas[2][2]))
 

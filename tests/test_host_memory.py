@@ -1,4 +1,4 @@
-"""host_memory: a step's freed buffers are reused, not faulted in again; compile_train_step hands the compiler's back."""
+"""host_memory: freed buffers are reused, not faulted in again; compile_train_step hands the compiler's back."""
 
 import os
 import subprocess
