@@ -23,7 +23,7 @@ target. The paper configs (cifar10_act.py, ...) keep the paper's CT base.
 
 Measured 2026-11-27 06:24 UTC with this exact command in a fresh workdir, alone
 on the 2-core AVX-512 AMD EPYC (flock, load 1.7 before, 1.9 after), with the
-train step's compile memory handed back (train.compile_train_step): 3 min 03 s
+compiler's memory handed back (host_memory.trim_after_compile): 3 min 03 s
 wall (41 s of start-up and compile and the first 100 steps, 3,000 steps at 24-27
 steps/s, 16 s of evaluation), peak RSS 2.3 GB, the same report. At 04:45 UTC,
 before that change and after the samplers and init compiled without optimisation

@@ -63,19 +63,6 @@ def jit_train_step(experiment: Experiment) -> Callable:
                    donate_argnums=0)
 
 
-def compile_train_step(experiment: Experiment, state: TrainState, batch: dict[str, jax.Array]) -> Callable:
-    """jit_train_step compiled for these arrays, then the compiler's freed memory handed back to the system.
-
-    On CPU, where malloc keeps freed memory (host_memory.keep_freed_memory), the
-    compiler's freed working memory would otherwise stay in the process beside the
-    step's buffers, which other threads allocate: the small NCSN++ train step's
-    peak RSS 2.36 GB, trimmed after its compile 1.62 GB (benchmarks/README.md).
-    """
-    compiled = jit_train_step(experiment).lower(state, batch).compile()
-    host_memory.release_free_memory()
-    return compiled
-
-
 # ----------------------------------------------------------------------------
 # Logging.
 # ----------------------------------------------------------------------------
@@ -186,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         workdir_lib.record_config(workdir, config, step)
     log = MetricsLog(workdir)
 
-    train_step_fn = None  # compiled for the first batch
+    train_step_fn = jit_train_step(experiment)
     sigterm = _SigtermFlag()
     pending = None  # (step, device metrics) of the last dispatched step, checked one step late
     window: list[dict[str, float]] = []
@@ -195,8 +182,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     try:
         while step < train.num_steps:
             batch = parallel.global_batch(next(data), experiment.mesh)
-            if train_step_fn is None:
-                train_step_fn = compile_train_step(experiment, state, batch)
             state, metrics = train_step_fn(state, batch)
             if first_step:  # the ETA comes from steady-state steps, not from the compile
                 jax.block_until_ready(metrics)
